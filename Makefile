@@ -1,0 +1,43 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv if it is missing,
+# install torch first (TORCH_SPEC, default the CPU build that this machine carries), then the
+# project with its dev extras, then run.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llm-scratch-installed
+
+.PHONY: demo test lint bench install clean
+
+install: $(STAMP)
+
+# The stamp records the torch spec and the project metadata it was built from; a change reinstalls.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@echo "$(TORCH_SPEC)" > $(STAMP)
+
+# Reinstall when TORCH_SPEC differs from what the stamp recorded.
+check-torch-spec:
+	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" != "$(TORCH_SPEC)" ]; then rm -f $(STAMP); fi
+
+demo: check-torch-spec
+	@$(MAKE) --no-print-directory $(STAMP)
+	$(BIN)/llm-scratch demo --out demo_out
+
+test: check-torch-spec
+	@$(MAKE) --no-print-directory $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest benchmarks -p no:cacheprovider --benchmark-json=.benchmarks/cpu.json
+	$(BIN)/python -m benchmarks.report .benchmarks/cpu.json
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache .benchmarks

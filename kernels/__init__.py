@@ -1,0 +1,62 @@
+"""Public ops used by the models. Each op chooses its backend per call (see `_backend`).
+
+The PyTorch references are the fallback and the test oracle; the Triton kernels plug in behind the
+same functions. Until an op's Triton kernel exists, asking for it explicitly is an error rather than
+a silent fallback, so a benchmark or test never measures the wrong thing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import BACKENDS, ENV_VAR, check_backend, requested_backend, resolve_backend
+from .rms_norm import rms_norm_reference
+from .rope import LAYOUTS, apply_rope_reference
+from .swiglu import swiglu_reference
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "LAYOUTS",
+    "apply_rope",
+    "check_backend",
+    "requested_backend",
+    "resolve_backend",
+    "rms_norm",
+    "swiglu",
+]
+
+_TRITON_OPS: dict[str, object] = {}  # op name -> Triton implementation, filled as kernels land
+
+
+def _dispatch(op: str, reference, backend: str | None, x: torch.Tensor):
+    if resolve_backend(backend, x) != "triton":
+        return reference
+    impl = _TRITON_OPS.get(op)
+    if impl is not None:
+        return impl
+    if requested_backend(backend) == "auto":  # auto on CUDA before the kernel exists
+        return reference
+    raise NotImplementedError(f"no Triton kernel for {op} yet; use kernel backend 'torch' or 'auto'")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str | None = None) -> torch.Tensor:
+    """RMSNorm over the last dim (fp32 statistics, Qwen2 casting)."""
+    return _dispatch("rms_norm", rms_norm_reference, backend, x)(x, weight, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """silu(gate) * up."""
+    return _dispatch("swiglu", swiglu_reference, backend, gate)(gate, up)
+
+
+def apply_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    layout: str = "half",
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [B, Hq, T, D] and k [B, Hk, T, D] by per-position cos/sin [B, T, D]."""
+    return _dispatch("apply_rope", apply_rope_reference, backend, q)(q, k, cos, sin, layout)
