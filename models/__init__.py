@@ -1,0 +1,28 @@
+"""Model configs, layers, the models, conversion to/from transformers, and generation."""
+
+from .config import PRESETS, ConfigError, DenseConfig, config_from_dict, load_config, make_config, save_config
+from .dense import IGNORE_INDEX, DenseLM
+from .hf import export_hf, import_hf, load_pretrained, resolve_checkpoint
+from .io import CheckpointError, build_model, load_model, save_model
+from .output import ModelOutput
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PRESETS",
+    "CheckpointError",
+    "ConfigError",
+    "DenseConfig",
+    "DenseLM",
+    "ModelOutput",
+    "build_model",
+    "config_from_dict",
+    "export_hf",
+    "import_hf",
+    "load_config",
+    "load_model",
+    "load_pretrained",
+    "make_config",
+    "resolve_checkpoint",
+    "save_config",
+    "save_model",
+]

@@ -1,0 +1,90 @@
+"""Autoregressive generation with a KV cache: greedy or sampled (temperature, top-k, top-p),
+batched left-padded prompts, stop tokens, and a streaming callback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token once the mass before it already reaches top_p (the first token always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, T] padded on the left, and the attention mask (1 = real token)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
+    """New tokens for each prompt (stop token included when reached). temperature 0 means greedy.
+    on_token(batch_index, token_id) is called as each token is produced."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    b, t = ids.shape
+    max_len = min(t + max_new_tokens, model.config.max_position_embeddings)
+    cache = model.make_kv_cache(b, max_len)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    padded = bool((mask == 0).any())
+    logits = model(ids, attention_mask=mask if padded else None, position_ids=positions, kv_cache=cache).logits
+    for _ in range(max_len - t):
+        next_logits = logits[:, -1, :].float()
+        if temperature > 0:
+            probs = _filter_logits(next_logits / temperature, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            nxt = next_logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        for i in range(b):
+            if not done[i]:
+                out[i].append(int(nxt[i]))
+                if on_token is not None:
+                    on_token(i, int(nxt[i]))
+        done |= torch.isin(nxt, stop) if len(stop) else torch.zeros_like(done)
+        if bool(done.all()) or cache.length + 1 > max_len:
+            break
+        mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits = model(nxt[:, None], attention_mask=mask if padded else None, position_ids=positions,
+                       kv_cache=cache).logits
+    model.train(was_training)
+    return out

@@ -1,0 +1,164 @@
+"""Conversion to and from native transformers checkpoints, and `load_pretrained` for both formats.
+
+The dense model exports as `Qwen2ForCausalLM` (no trust_remote_code): the state dict keys are the
+same, so conversion is a config translation plus a copy of the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import DenseConfig
+from .io import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    atomic_write,
+    build_model,
+    copy_tokenizer_files,
+    load_model,
+    load_state_strict,
+    read_weights,
+    save_weights,
+    state_dict_for_saving,
+)
+
+LATEST_FILE = "latest"  # in a training run's directory: the name of the newest complete checkpoint
+
+
+def _special_ids(tokenizer_dir: Path) -> dict[str, int]:
+    path = tokenizer_dir / "tokenizer.json"
+    if not path.exists():
+        return {}
+    added = json.loads(path.read_text()).get("added_tokens", [])
+    return {t["content"]: t["id"] for t in added}
+
+
+def _qwen2_config(config: DenseConfig, special: dict[str, int]):
+    from transformers import Qwen2Config
+
+    eos = special.get("<|endoftext|>")
+    return Qwen2Config(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_theta=config.rope_theta,
+        rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings,
+        initializer_range=config.initializer_range,
+        hidden_act="silu",
+        use_sliding_window=False,
+        bos_token_id=None,
+        eos_token_id=eos,
+        pad_token_id=special.get("<|pad|>"),
+        architectures=["Qwen2ForCausalLM"],
+    )
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write a transformers checkpoint (config.json, model.safetensors, generation_config.json and
+    the tokenizer files) from one of our checkpoints or run directories."""
+    src = resolve_checkpoint(checkpoint)
+    model = load_model(src)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not isinstance(model.config, DenseConfig):
+        raise CheckpointError(f"{src}: export of model type {model.config.model_type!r} is not supported yet")
+    special = _special_ids(src)
+    _qwen2_config(model.config, special).save_pretrained(out)
+    save_weights(state_dict_for_saving(model), out / WEIGHTS_FILE)
+    if (src / "tokenizer.json").exists():
+        copy_tokenizer_files(src, out)
+    eos = [special[t] for t in ("<|im_end|>", "<|endoftext|>") if t in special]
+    gen = {"eos_token_id": eos, "pad_token_id": special.get("<|pad|>"), "do_sample": False}
+    atomic_write(out / "generation_config.json", lambda tmp: tmp.write_text(json.dumps(gen, indent=2) + "\n"))
+    return out
+
+
+def _rope_theta(hf_config) -> float:
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    scaling = getattr(hf_config, "rope_scaling", None)
+    if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) != "default"):
+        raise CheckpointError(f"rope scaling {rope_type!r} is not supported by the dense model")
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    if theta is None:
+        raise CheckpointError("config.json has no rope_theta")
+    return float(theta)
+
+
+def _read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for f in files:
+            state.update(read_weights(d / f))
+        return state
+    return read_weights(d / WEIGHTS_FILE)
+
+
+def import_hf(hf_dir: str | Path) -> torch.nn.Module:
+    """Build our model from a transformers `Qwen2ForCausalLM` directory (strict)."""
+    from transformers import AutoConfig
+
+    d = Path(hf_dir)
+    try:
+        hf = AutoConfig.from_pretrained(str(d), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{d / 'config.json'}: cannot read the transformers config ({e})") from None
+    if hf.model_type != "qwen2":
+        raise CheckpointError(f"{d / 'config.json'}: model_type {hf.model_type!r} is not supported (expected 'qwen2')")
+    if getattr(hf, "use_sliding_window", False):
+        raise CheckpointError(f"{d / 'config.json'}: sliding-window attention is not supported")
+    if hf.hidden_act != "silu":
+        raise CheckpointError(f"{d / 'config.json'}: hidden_act {hf.hidden_act!r} is not supported (expected 'silu')")
+    config = DenseConfig(
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_hidden_layers=hf.num_hidden_layers,
+        num_attention_heads=hf.num_attention_heads,
+        num_key_value_heads=hf.num_key_value_heads,
+        max_position_embeddings=hf.max_position_embeddings,
+        rope_theta=_rope_theta(hf),
+        rms_norm_eps=hf.rms_norm_eps,
+        tie_word_embeddings=bool(hf.tie_word_embeddings),
+        initializer_range=hf.initializer_range,
+    ).validate()
+    if getattr(hf, "head_dim", None) not in (None, config.head_dim):
+        raise CheckpointError(f"{d / 'config.json'}: head_dim {hf.head_dim} != hidden_size/num_attention_heads")
+    model = build_model(config)
+    load_state_strict(model, _read_hf_weights(d), str(d))
+    return model
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint dir itself or a training run's output dir."""
+    p = Path(path)
+    if (p / CONFIG_FILE).exists():
+        return p
+    if (p / LATEST_FILE).exists():
+        name = (p / LATEST_FILE).read_text().strip()
+        ckpt = p / "checkpoints" / name
+        if (ckpt / CONFIG_FILE).exists():
+            return ckpt
+        raise CheckpointError(f"{p / LATEST_FILE} names {name!r}, which is not a complete checkpoint")
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint directory")
+    raise CheckpointError(f"{p}: not a checkpoint (no {CONFIG_FILE} and no '{LATEST_FILE}' file)")
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Our model from one of our checkpoints, a run directory, or a transformers directory."""
+    p = Path(path)
+    if (p / "config.json").exists() and not (p / CONFIG_FILE).exists():
+        return import_hf(p).to(device)
+    return load_model(resolve_checkpoint(p), device)

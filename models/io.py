@@ -1,0 +1,122 @@
+"""Our checkpoint format: `model_config.json` + `model.safetensors` (+ tokenizer files beside them).
+
+Loading is strict: a missing or unexpected tensor, or a shape that does not fit the config, is an
+error naming the key. Tied embeddings are stored once (as transformers does) and re-tied on load.
+Writes go to a temporary name in the same directory and are renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import CONFIG_CLASSES, ConfigError, load_config, save_config
+from .dense import DenseLM
+
+MODEL_CLASSES: dict[str, type] = {"dense": DenseLM}
+CONFIG_FILE = "model_config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+assert set(MODEL_CLASSES) == set(CONFIG_CLASSES)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and key."""
+
+
+def build_model(config) -> torch.nn.Module:
+    return MODEL_CLASSES[config.model_type](config)
+
+
+def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename tmp_path onto path."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", **(metadata or {})}))
+
+
+def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(state_dict_for_saving(model), out / WEIGHTS_FILE)
+    atomic_write(out / CONFIG_FILE, lambda tmp: save_config(model.config, tmp))
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, out)
+    return out
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
+    src, dst = Path(src), Path(dst)
+    if not (src / "tokenizer.json").exists():
+        raise CheckpointError(f"{src}: no tokenizer.json here")
+    for name in TOKENIZER_FILES:
+        if (src / name).exists() and src.resolve() != Path(dst).resolve():
+            shutil.copy2(src / name, Path(dst) / name)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: weights file not found") from None
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    expected = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        raise CheckpointError(f"{where}: weights do not match the model config ({'; '.join(parts)})")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise CheckpointError(
+                f"{where}: tensor '{k}' has shape {tuple(v.shape)}, the config expects {tuple(expected[k].shape)}"
+            )
+    model.load_state_dict(state, strict=False)  # keys were checked above; tied lm_head follows embed
+
+
+def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    d = Path(ckpt_dir)
+    try:
+        config = load_config(d / CONFIG_FILE)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    model = build_model(config)
+    load_state_strict(model, read_weights(d / WEIGHTS_FILE), str(d / WEIGHTS_FILE))
+    return model.to(device)

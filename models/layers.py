@@ -1,0 +1,146 @@
+"""Building blocks shared by the models: RMSNorm, rotary embedding, masks, GQA attention, SwiGLU MLP,
+and the KV cache. Each calls the op through the `kernels` package, which picks Triton or PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+try:  # flash-attn is an optional extra ("gpu"); used on CUDA for unmasked causal attention.
+    from flash_attn import flash_attn_func as _flash_attn_func
+except ImportError:  # pragma: no cover - depends on the machine
+    _flash_attn_func = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6, backend: str = "auto"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps, backend=self.backend)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for arbitrary position ids (packed sequences, cache offsets)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # fp32 outer product, as transformers does, so positions beyond 2^11 stay exact.
+        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class KVCache:
+    """Preallocated per-layer key/value buffers for generation: [B, H_kv, max_len, D]."""
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_len = max_len
+        self.length = 0  # tokens already stored (same for every layer once a forward finishes)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; this step needs {end}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+def build_attention_mask(
+    q_len: int,
+    kv_len: int,
+    device: torch.device,
+    attention_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Boolean mask [B or 1, 1, q_len, kv_len] (True = may attend), or None for plain causal.
+
+    Queries are the last q_len of kv_len positions (a KV cache in front). `attention_mask` [B, kv_len]
+    marks real tokens (1) and padding (0); `segment_ids` [B, q_len] keeps packed documents apart.
+    Every query may always see itself, so rows of padding never turn into NaN.
+    """
+    if attention_mask is None and segment_ids is None and (q_len == kv_len or q_len == 1):
+        return None  # the fast paths: causal SDPA/flash, or one new token that sees the whole cache
+    offset = kv_len - q_len
+    q_pos = torch.arange(q_len, device=device)[:, None] + offset
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]  # [1, 1, q, kv]
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :]
+    if segment_ids is not None:
+        if offset:
+            raise ValueError("segment_ids are for training on packed rows, not with a KV cache")
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        mask = mask & same[:, None]
+    return mask | (k_pos == q_pos)[None, None]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with q/k/v bias (Qwen2), RoPE, SDPA, optional KV cache."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        d, h = config.hidden_size, config.head_dim
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = h
+        self.backend = config.kernel_backend
+        self.q_proj = nn.Linear(d, self.num_heads * h, bias=True)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * h, bias=True)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * h, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * h, d, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, kv_cache: KVCache | None = None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = kernels.apply_rope(q, k, cos, sin, layout="half", backend=self.backend)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        out = attention(q, k, v, mask, causal=mask is None and k.shape[2] == t)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def attention(q, k, v, mask, causal: bool):
+    """Scaled dot-product attention with GQA: q [B, Hq, T, D], k/v [B, Hkv, S, D]."""
+    if _flash_attn_func is not None and q.is_cuda and mask is None and q.dtype in (torch.float16, torch.bfloat16):
+        out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+        return out.transpose(1, 2)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+
+
+class SwiGLUMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, backend: str = "auto"):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend))
