@@ -1,0 +1,1 @@
+"""Training: tokenizer, data (files and synthetic), the trainer and its stages, and the CLI."""

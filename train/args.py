@@ -1,0 +1,55 @@
+"""Command-line options shared by the training stages (pretrain, and later sft and dpo)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .engine import OptimConfig
+from .errors import UserError
+from .trainer import TrainArgs
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=["dense", "moe", "vlm"], default="dense", help="model family")
+    g.add_argument("--model-config", metavar="FILE.json", help="a model config file (overrides --preset)")
+    g.add_argument("--preset", default="tiny", help="named size when no --model-config (e.g. micro, tiny, small)")
+    g.add_argument("--kernels", choices=["auto", "triton", "torch"], help="kernel backend for this run")
+
+
+def add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_size: int) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, loss.png)")
+    g.add_argument("--max-steps", type=int, default=steps, help="optimizer steps the schedule spans")
+    g.add_argument("--stop-after", type=int, help="stop (and checkpoint) at this step; --resume continues")
+    g.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=batch_size, help="rows per micro-batch per rank")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    g.add_argument("--warmup-steps", type=int, default=20)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
+    g.add_argument("--eval-every", type=int, default=50, help="held-out evaluation interval (0: off)")
+    g.add_argument("--eval-batches", type=int, default=8)
+    g.add_argument("--save-every", type=int, default=100)
+    g.add_argument("--keep-checkpoints", type=int, default=2)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_args_from(ns: argparse.Namespace) -> tuple[TrainArgs, OptimConfig]:
+    targs = TrainArgs(
+        out=ns.out, max_steps=ns.max_steps, stop_after=ns.stop_after, batch_size=ns.batch_size,
+        grad_accum=ns.grad_accum, seed=ns.seed, eval_every=ns.eval_every, eval_batches=ns.eval_batches,
+        save_every=ns.save_every, keep_checkpoints=ns.keep_checkpoints, device=ns.device,
+        progress=not ns.no_progress, resume=ns.resume,
+    )
+    optim = OptimConfig(lr=ns.lr, min_lr_ratio=ns.min_lr_ratio, warmup_steps=ns.warmup_steps,
+                        max_steps=ns.max_steps, weight_decay=ns.weight_decay, grad_clip=ns.grad_clip)
+    for name in ("batch_size", "grad_accum", "eval_batches", "save_every"):
+        if getattr(ns, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    return targs, optim
+

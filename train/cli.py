@@ -1,0 +1,135 @@
+"""`llm-scratch`: one command for every stage.
+
+    llm-scratch data --out DIR                  write the embedded synthetic data sets
+    llm-scratch tokenizer --data F... --vocab-size N --out DIR
+    llm-scratch pretrain --data F... --tokenizer DIR --out DIR [--preset tiny]
+    llm-scratch export --checkpoint DIR --out HF_DIR
+    llm-scratch sample --checkpoint DIR --prompt TEXT
+    llm-scratch demo [--out DIR]                the whole pipeline on CPU in a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from models import CheckpointError, ConfigError
+
+from .errors import UserError
+
+USER_ERRORS = (UserError, ConfigError, CheckpointError)
+
+
+def run_guarded(fn: Callable[[], object]) -> None:
+    """Run fn; bad input ends with one 'error: ...' line on stderr and exit status 2, no traceback."""
+    try:
+        fn()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def cmd_data(ns) -> None:
+    from .synthetic import generate
+
+    paths = generate(ns.out, seed=ns.seed, pretrain_docs=ns.pretrain_docs, sft=ns.sft, dpo=ns.dpo)
+    for name, p in paths.items():
+        print(f"{name:15s} {p}")
+
+
+def cmd_tokenizer(ns) -> None:
+    from .tokenizer import train_tokenizer
+
+    stats = train_tokenizer(ns.data, ns.vocab_size, ns.out, quiet=ns.quiet)
+    print(f"tokenizer: {stats['vocab_size']} tokens from {stats['bytes'] / 1e6:.1f} MB in "
+          f"{stats['seconds']:.1f} s -> {ns.out}")
+
+
+def cmd_pretrain(ns) -> None:
+    from .pretrain import run
+
+    s = run(ns)
+    print(json.dumps({k: s.get(k) for k in ("end_step", "first_loss", "last_loss", "checkpoint", "plot")}, indent=2))
+
+
+def cmd_export(ns) -> None:
+    from models import export_hf
+
+    out = export_hf(ns.checkpoint, ns.out)
+    print(f"exported a transformers checkpoint to {out}")
+
+
+def cmd_sample(ns) -> None:
+    from .sampling import sample_text
+
+    print(sample_text(ns.checkpoint, ns.prompt, max_new_tokens=ns.max_new_tokens,
+                      temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed))
+
+
+def cmd_demo(ns) -> None:
+    from .demo import run_demo
+
+    run_demo(ns.out, steps=ns.steps, quick=ns.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import pretrain
+
+    p = argparse.ArgumentParser(prog="llm-scratch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("data", help="write the embedded synthetic data (pretrain/SFT/DPO, train+eval)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--pretrain-docs", type=int, default=20000)
+    s.add_argument("--sft", type=int, default=4000)
+    s.add_argument("--dpo", type=int, default=2000)
+    s.set_defaults(fn=cmd_data)
+
+    s = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer")
+    s.add_argument("--data", nargs="+", required=True, metavar="FILE")
+    s.add_argument("--vocab-size", type=int, default=4096)
+    s.add_argument("--out", required=True)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_tokenizer)
+
+    s = sub.add_parser("pretrain", help="pretrain a model on text")
+    pretrain.build_parser(s)
+    s.set_defaults(fn=cmd_pretrain)
+
+    s = sub.add_parser("export", help="write a native transformers checkpoint")
+    s.add_argument("--checkpoint", required=True, help="a checkpoint or run directory")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("sample", help="continue a text prompt with a trained model")
+    s.add_argument("--checkpoint", required=True, help="a checkpoint, run or transformers directory")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("demo", help="the whole pipeline on synthetic data, on CPU")
+    s.add_argument("--out", default="demo_out")
+    s.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the demo's)")
+    s.add_argument("--quick", action="store_true", help="a much smaller run (for smoke tests)")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns = build_parser().parse_args(argv)
+    run_guarded(lambda: ns.fn(ns))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Pretraining: next-token prediction on packed documents.
+
+    llm-scratch pretrain --data FILE... --tokenizer DIR --out DIR [--preset tiny | --model-config F]
+    python -m train.pretrain ...   (the same options)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from models import build_model, load_config, make_config
+from models.config import ConfigError
+
+from .args import add_model_args, add_train_args, train_args_from
+from .checkpoint import latest_checkpoint
+from .data import PackedDataset, load_token_stream
+from .errors import UserError
+from .tokenizer import ENDOFTEXT, load_tokenizer, special_token_ids
+from .trainer import Trainer
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data", nargs="+", required=True, metavar="PATH", help=".txt or .jsonl ({'text'}) files")
+    d.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out files (default: the last rows)")
+    d.add_argument("--eval-fraction", type=float, default=0.02, help="rows held out when no --eval-data")
+    d.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default on --resume: the checkpoint's)")
+    d.add_argument("--seq-len", type=int, default=256, help="tokens per training row")
+    d.add_argument("--no-document-mask", action="store_true",
+                   help="let packed documents attend to each other (plain causal rows)")
+    add_model_args(p)
+    add_train_args(p, steps=1000, lr=3e-3, batch_size=16)
+    return p
+
+
+def round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def model_config_for(ns: argparse.Namespace, vocab: int, resume_ckpt: Path | None):
+    """The run's model config: from the checkpoint on resume, else the file, else the preset."""
+    if ns.model != "dense":
+        raise UserError(f"--model {ns.model}: only 'dense' is available in this version")
+    try:
+        if resume_ckpt is not None:
+            config = load_config(resume_ckpt / "model_config.json")
+        elif ns.model_config:
+            config = load_config(ns.model_config)
+        else:
+            config = make_config(ns.model, ns.preset, vocab_size=round_up(vocab, 64))
+        if ns.kernels:
+            config.kernel_backend = ns.kernels
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    if config.model_type != ns.model:
+        raise UserError(f"--model {ns.model} but the model config is a {config.model_type!r} config")
+    if vocab > config.vocab_size:
+        raise UserError(f"the tokenizer has {vocab} tokens but the model's vocab_size is {config.vocab_size}; "
+                        "use a matching tokenizer or a larger vocab_size")
+    if ns.seq_len > config.max_position_embeddings:
+        raise UserError(f"--seq-len {ns.seq_len} is longer than the model's context "
+                        f"(max_position_embeddings={config.max_position_embeddings})")
+    return config
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ns = build_parser().parse_args(argv)
+    return run(ns)
+
+
+def run(ns: argparse.Namespace) -> dict:
+    targs, optim = train_args_from(ns)
+    out = Path(ns.out)
+    resume_ckpt = latest_checkpoint(out) if ns.resume else None
+    if ns.resume and resume_ckpt is None:
+        raise UserError(f"--resume: no checkpoint in {out}")
+    if not ns.resume and (out / "latest").exists():
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    tok_dir = Path(ns.tokenizer) if ns.tokenizer else resume_ckpt
+    if tok_dir is None:
+        raise UserError("--tokenizer DIR is required (train one with `llm-scratch tokenizer`)")
+    tokenizer = load_tokenizer(tok_dir)
+    eot = special_token_ids(tokenizer)[ENDOFTEXT]
+    config = model_config_for(ns, len(tokenizer), resume_ckpt)
+
+    stream = load_token_stream(ns.data, tokenizer, eot)
+    doc_mask = not ns.no_document_mask
+    if ns.eval_data:
+        train_set = PackedDataset(stream, ns.seq_len, eot, doc_mask)
+        eval_set = PackedDataset(load_token_stream(ns.eval_data, tokenizer, eot), ns.seq_len, eot, doc_mask)
+    else:  # hold out the stream's tail
+        n_rows = (len(stream) - 1) // ns.seq_len
+        n_eval = int(n_rows * ns.eval_fraction) if ns.eval_every else 0
+        cut = (n_rows - n_eval) * ns.seq_len
+        train_set = PackedDataset(stream[: cut + 1], ns.seq_len, eot, doc_mask)
+        eval_set = PackedDataset(stream[cut:], ns.seq_len, eot, doc_mask) if n_eval else None
+    model = build_model(config)
+    info = {"stage": "pretrain", "model_type": config.model_type, "parameters": model.num_parameters(),
+            "train_tokens": int(len(train_set) * ns.seq_len), "data": [str(p) for p in ns.data]}
+    trainer = Trainer(model, train_set, pretrain_loss, targs, optim, eval_set=eval_set, tokenizer_dir=tok_dir,
+                      run_config={"run": info}, title="pretrain")
+    if trainer.is_main:
+        print(f"pretrain: {info['parameters'] / 1e6:.2f}M parameters, {info['train_tokens']:,} training tokens "
+              f"in {len(train_set)} rows of {ns.seq_len}, device {trainer.device}, out {out}", flush=True)
+    summary = trainer.fit()
+    summary.update(info)
+    if trainer.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    return summary
+
+
+def pretrain_loss(model, batch: dict):
+    return model(**batch).loss, {}
+
+
+def _json_default(o):
+    return o.item() if isinstance(o, np.generic) else str(o)
+
+
+if __name__ == "__main__":
+    from .cli import run_guarded
+
+    run_guarded(main)

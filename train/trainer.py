@@ -1,0 +1,197 @@
+"""One trainer for every stage and model: the stage supplies rows, a collate function and a loss
+function; the engine (plain PyTorch or DeepSpeed) supplies backward/step. The trainer does the loop,
+gradient accumulation, evaluation, logging, progress, checkpoints and exact resume.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from models.io import load_state_strict, read_weights
+
+from .checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .data import BatchOrder, collate
+from .engine import OptimConfig, TorchEngine
+from .errors import UserError
+from .metrics import MetricsLog, plot_losses
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
+
+
+@dataclass
+class TrainArgs:
+    out: str
+    max_steps: int = 200  # the schedule spans this many optimizer steps
+    stop_after: int | None = None  # end this invocation at this step (checkpointed); resume later
+    batch_size: int = 16  # rows per micro-batch per rank
+    grad_accum: int = 1
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    device: str = "auto"
+    progress: bool = True
+    resume: bool = False
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available")
+    return torch.device(name)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment (deepspeed, torchrun), else (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, train_set, loss_fn: LossFn, args: TrainArgs, optim: OptimConfig,
+                 *, eval_set=None, collate_fn=collate, tokenizer_dir: Path | None = None,
+                 run_config: dict | None = None, title: str = "training loss"):
+        if args.max_steps < 1:
+            raise UserError(f"--max-steps must be at least 1, got {args.max_steps}")
+        self.args, self.optim_cfg = args, optim
+        self.optim_cfg.max_steps = args.max_steps
+        self.rank, self.world_size = dist_info()
+        self.is_main = self.rank == 0
+        self.device = pick_device(args.device)
+        self.out = Path(args.out)
+        self.train_set, self.eval_set = train_set, eval_set
+        self.loss_fn, self.collate_fn = loss_fn, collate_fn
+        self.tokenizer_dir = tokenizer_dir
+        self.run_config = run_config or {}
+        self.title = title
+        torch.manual_seed(args.seed)
+        self.model = model.to(self.device)
+        self.engine = TorchEngine(self.model, self.optim_cfg)
+        self.order = BatchOrder(len(train_set), args.batch_size, args.seed, self.rank, self.world_size)
+        self.step = 0
+        self.tokens_seen = 0
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.order.state_dict(),
+                "engine": self.engine.state_dict(), "rng": rng_state()}
+
+    def _resume(self) -> int | None:
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            raise UserError(f"--resume: no checkpoint in {self.out} (no '{self.out / 'latest'}' file)")
+        load_state_strict(self.model, read_weights(ckpt / "model.safetensors"), str(ckpt))
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+        self.engine.load_state_dict(state["engine"])
+        self.order.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        return self.step
+
+    def save(self) -> Path:
+        args = {"train": asdict(self.args), "optim": asdict(self.optim_cfg), **self.run_config}
+        return save_checkpoint(self.out, self.step, self.model, self.state_dict(), args, self.tokenizer_dir,
+                               self.args.keep_checkpoints)
+
+    # ------------------------------------------------------------------ loop pieces
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def _next_batch(self) -> dict:
+        return self._to_device(self.collate_fn([self.train_set[i] for i in self.order.next_indices()]))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean loss over the first eval_batches batches of the held-out set, in a fixed order."""
+        if self.eval_set is None or len(self.eval_set) == 0:
+            return {}
+        self.model.eval()
+        bs = self.args.batch_size
+        totals: dict[str, float] = {}
+        n = 0
+        for b in range(min(self.args.eval_batches, math.ceil(len(self.eval_set) / bs))):
+            rows = [self.eval_set[i] for i in range(b * bs, min(len(self.eval_set), (b + 1) * bs))]
+            with self._autocast():
+                loss, stats = self.loss_fn(self.model, self._to_device(self.collate_fn(rows)))
+            for k, v in {"loss": float(loss), **stats}.items():
+                totals[k] = totals.get(k, 0.0) + v
+            n += 1
+        self.model.train()
+        out = {f"eval_{k}": v / n for k, v in totals.items()}
+        out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
+        return out
+
+    def train_step(self) -> dict:
+        stats_sum: dict[str, float] = {}
+        tokens = 0
+        for _ in range(self.args.grad_accum):
+            batch = self._next_batch()
+            with self._autocast():
+                loss, stats = self.loss_fn(self.model, batch)
+            self.engine.backward(loss / self.args.grad_accum)
+            for k, v in {"loss": float(loss.detach()), **stats}.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + v / self.args.grad_accum
+            tokens += int(batch["input_ids"].numel())
+        lr = self.engine.lr
+        grad_norm = self.engine.step()
+        self.step += 1
+        self.tokens_seen += tokens * self.world_size
+        return {**stats_sum, "lr": lr, "grad_norm": grad_norm, "tokens": tokens * self.world_size}
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        resumed = self._resume() if self.args.resume else None
+        end = min(self.args.max_steps, self.args.stop_after or self.args.max_steps)
+        log = MetricsLog(self.out / "metrics.jsonl", resume_step=resumed, enabled=self.is_main)
+        self.model.train()
+        summary: dict = {"start_step": self.step}
+        if resumed is None:
+            first_eval = self.evaluate()
+            if first_eval:
+                log.write({"step": 0, **first_eval})
+                summary["eval_before"] = first_eval
+        bar = tqdm(total=self.args.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.args.progress and self.is_main), desc=self.title)
+        t_start, tok_start = time.perf_counter(), self.tokens_seen
+        rec: dict = {}
+        while self.step < end:
+            t0 = time.perf_counter()
+            rec = self.train_step()
+            dt = time.perf_counter() - t0
+            rec = {"step": self.step, **rec, "tokens_per_s": rec["tokens"] / dt, "tokens_seen": self.tokens_seen}
+            summary.setdefault("first_loss", rec["loss"])
+            if self.step % self.args.log_every == 0 or self.step == end:
+                log.write(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.update(1)
+            if self.args.eval_every and (self.step % self.args.eval_every == 0 or self.step == end):
+                ev = self.evaluate()
+                if ev:
+                    log.write({"step": self.step, **ev})
+                    summary["eval_after"] = ev
+                    bar.write(f"step {self.step}: held-out loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})")
+            if self.step % self.args.save_every == 0 or self.step == end:
+                summary["checkpoint"] = str(self.save())
+        bar.close()
+        elapsed = time.perf_counter() - t_start
+        summary.update(end_step=self.step, last_loss=rec.get("loss"), seconds=elapsed,
+                       tokens_per_s=(self.tokens_seen - tok_start) / elapsed if elapsed > 0 else 0.0)
+        if self.is_main and (self.out / "metrics.jsonl").exists():
+            summary["plot"] = str(plot_losses(self.out / "metrics.jsonl", self.out / "loss.png", self.title))
+        return summary
