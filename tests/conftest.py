@@ -1,0 +1,35 @@
+import os
+
+# Kernel modules must see this before they are imported: Triton kernels run on the CPU interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.pop("LLM_SCRATCH_KERNELS", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    from train.synthetic import generate
+
+    d = tmp_path_factory.mktemp("synthetic")
+    generate(d, seed=0, pretrain_docs=3000, sft=300, dpo=100)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(synthetic_dir, tmp_path_factory):
+    from train.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer([synthetic_dir / "pretrain_train.jsonl", synthetic_dir / "sft_train.jsonl"], 1024, d, quiet=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from train.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)

@@ -1,0 +1,67 @@
+import random
+
+import pytest
+
+from train import synthetic
+from train.data import load_dpo, load_sft, read_jsonl
+
+
+def test_generation_is_deterministic(tmp_path):
+    a = synthetic.generate(tmp_path / "a", seed=3, pretrain_docs=200, sft=50, dpo=20)
+    b = synthetic.generate(tmp_path / "b", seed=3, pretrain_docs=200, sft=50, dpo=20)
+    c = synthetic.generate(tmp_path / "c", seed=4, pretrain_docs=200, sft=50, dpo=20)
+    for name in a:
+        assert a[name].read_bytes() == b[name].read_bytes()
+    assert a["sft_train"].read_bytes() != c["sft_train"].read_bytes()
+
+
+def _question(rec):
+    msgs = rec["messages"] if "messages" in rec else rec["prompt"]
+    return next(m["content"] for m in msgs if m["role"] == "user")
+
+
+def test_splits_are_disjoint_and_eval_has_answers(synthetic_dir):
+    for task in ("sft", "dpo"):
+        train = [r for _, r in read_jsonl(synthetic_dir / f"{task}_train.jsonl")]
+        evals = [r for _, r in read_jsonl(synthetic_dir / f"{task}_eval.jsonl")]
+        assert evals and all("answer" in r for r in evals)
+        assert not ({_question(r) for r in train} & {_question(r) for r in evals})
+    pre_train = {r["text"] for _, r in read_jsonl(synthetic_dir / "pretrain_train.jsonl")}
+    pre_eval = {r["text"] for _, r in read_jsonl(synthetic_dir / "pretrain_eval.jsonl")}
+    assert pre_eval and not (pre_train & pre_eval)
+
+
+def test_records_load_with_the_user_data_readers(synthetic_dir):
+    convs = load_sft(synthetic_dir / "sft_train.jsonl")
+    assert len(convs) == 300
+    pairs = load_dpo(synthetic_dir / "dpo_train.jsonl")
+    assert all(p["chosen"] != p["rejected"] for p in pairs)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_column_arithmetic_is_right_and_the_wrong_variant_is_wrong(seed):
+    rng = random.Random(seed)
+    for _ in range(300):
+        a, b = rng.randint(0, 99999), rng.randint(0, 99999)
+        op = rng.choice("+-")
+        q, reasoning, answer, value = synthetic.arithmetic_problem(a, b, op)
+        assert value == (a + b if op == "+" else a - b)
+        assert answer == f"{a} {op} {b} = {value}" and f"So the result is {value}." in reasoning
+        _, bad_answer = synthetic._wrong_variant(a, b, op, rng)
+        assert bad_answer != answer
+
+
+def test_reasoning_shows_carries_and_borrows():
+    _, r, _, _ = synthetic.arithmetic_problem(347, 586, "+")
+    assert "ones: 7 + 6 = 13, write 3, carry 1" in r and "tens: 4 + 8 + 1 = 13, write 3, carry 1" in r
+    _, r, _, v = synthetic.arithmetic_problem(1203, 587, "-")
+    assert v == 616 and "ones: 3 is less than 7, borrow 1: 13 - 7 = 6" in r
+
+
+def test_sft_assistant_turns_reason_then_answer(synthetic_dir):
+    for _, rec in read_jsonl(synthetic_dir / "sft_eval.jsonl"):
+        content = rec["messages"][-1]["content"]
+        assert content.startswith("<think>\n") and content.endswith("</think>\n\n" + rec["answer"])
+    contents = [c[-1]["content"] for c in load_sft(synthetic_dir / "sft_train.jsonl")]
+    empty = sum(c.startswith("<think>\n\n</think>\n\n") for c in contents)
+    assert 0.1 < empty / len(contents) < 0.3  # about one in five answers with thinking off
