@@ -36,6 +36,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
+	@mkdir -p .benchmarks
 	$(BIN)/python -m pytest benchmarks -p no:cacheprovider --benchmark-json=.benchmarks/cpu.json
 	$(BIN)/python -m benchmarks.report .benchmarks/cpu.json
 
