@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from models import load_model, save_model
+from models import save_model
 from models.hf import LATEST_FILE
-from models.io import atomic_write
+from models.io import WEIGHTS_FILE, atomic_write, load_state_strict, read_weights
 
 from .errors import UserError
 
@@ -85,10 +85,10 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, device) -> tuple[torch.nn.Module, dict]:
-    model = load_model(path, device)
+def load_training_state(path: Path, model: torch.nn.Module) -> dict:
+    """Load a checkpoint's weights into `model` (strict) and return its trainer state."""
+    load_state_strict(model, read_weights(path / WEIGHTS_FILE), str(path))
     try:
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable state file is the same user-facing error
         raise UserError(f"{path / STATE_FILE}: cannot read the trainer state ({e})") from None
-    return model, state

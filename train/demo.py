@@ -45,7 +45,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     argv = ["pretrain", "--data", str(paths["pretrain_train"]), "--eval-data", str(paths["pretrain_eval"]),
             "--tokenizer", str(out / "tokenizer"), "--out", str(run_dir), "--max-steps", str(steps),
             "--preset", "micro" if quick else "tiny", "--seq-len", "128" if quick else "256",
-            "--batch-size", "8" if quick else "16", "--eval-every", str(max(1, steps // 4)),
+            "--batch-size", "8" if quick else "16", "--eval-every", str(max(1, steps // 8)),
             "--save-every", str(steps), "--warmup-steps", str(max(1, steps // 10)), "--lr", "3e-3"]
     if (run_dir / "latest").exists():  # a previous demo's run: start it again
         import shutil

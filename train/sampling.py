@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from models import load_pretrained, resolve_checkpoint
@@ -11,9 +13,8 @@ from .errors import UserError
 from .tokenizer import ENDOFTEXT, PAD, load_tokenizer
 
 
-def tokenizer_dir_for(checkpoint) -> object:
-    from pathlib import Path
-
+def tokenizer_dir_for(checkpoint) -> Path:
+    """The directory whose tokenizer files belong to a checkpoint, run or transformers directory."""
     p = Path(checkpoint)
     return p if (p / "tokenizer.json").exists() else resolve_checkpoint(p)
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from .data import iter_records_text
 from .errors import UserError
 
 ENDOFTEXT = "<|endoftext|>"
@@ -73,8 +74,6 @@ CHAT_TEMPLATE = r"""{%- set ns = namespace(last_user=-1) -%}
 
 def iter_training_text(paths: Iterable[str | Path]) -> Iterator[str]:
     """Text for tokenizer training from .txt files and .jsonl files (text, messages, or DPO pairs)."""
-    from .data import iter_records_text  # local import: data needs the tokenizer module's constants
-
     for p in paths:
         yield from iter_records_text(Path(p))
 

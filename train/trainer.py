@@ -15,9 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models.io import load_state_strict, read_weights
-
-from .checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import latest_checkpoint, load_training_state, rng_state, save_checkpoint, set_rng_state
 from .data import BatchOrder, collate
 from .engine import OptimConfig, TorchEngine
 from .errors import UserError
@@ -91,8 +89,7 @@ class Trainer:
         ckpt = latest_checkpoint(self.out)
         if ckpt is None:
             raise UserError(f"--resume: no checkpoint in {self.out} (no '{self.out / 'latest'}' file)")
-        load_state_strict(self.model, read_weights(ckpt / "model.safetensors"), str(ckpt))
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+        state = load_training_state(ckpt, self.model)
         self.engine.load_state_dict(state["engine"])
         self.order.load_state_dict(state["data"])
         set_rng_state(state["rng"])
