@@ -39,6 +39,7 @@ bench: $(STAMP)
 	@mkdir -p .benchmarks
 	$(BIN)/python -m pytest benchmarks -p no:cacheprovider --benchmark-json=.benchmarks/cpu.json
 	$(BIN)/python -m benchmarks.report .benchmarks/cpu.json
+	$(BIN)/python -m benchmarks.deepspeed_steps
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache .benchmarks
+	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache .benchmarks .cache

@@ -23,7 +23,6 @@ from .io import (
     load_state_strict,
     read_weights,
     save_weights,
-    state_dict_for_saving,
 )
 
 LATEST_FILE = "latest"  # in a training run's directory: the name of the newest complete checkpoint
@@ -73,7 +72,10 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise CheckpointError(f"{src}: export of model type {model.config.model_type!r} is not supported yet")
     special = _special_ids(src)
     _qwen2_config(model.config, special).save_pretrained(out)
-    save_weights(state_dict_for_saving(model), out / WEIGHTS_FILE)
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_weights({k: v.contiguous() for k, v in state.items()}, out / WEIGHTS_FILE)
     if (src / "tokenizer.json").exists():
         copy_tokenizer_files(src, out)
     eos = [special[t] for t in ("<|im_end|>", "<|endoftext|>") if t in special]

@@ -39,13 +39,6 @@ def build_model(config) -> torch.nn.Module:
     return MODEL_CLASSES[config.model_type](config)
 
 
-def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    sd = model.state_dict()
-    if getattr(model.config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-
-
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path), then rename tmp_path onto path."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -62,10 +55,18 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict | No
 
 
 def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    return write_model_files(model.state_dict(), model.config, out_dir, tokenizer_dir)
+
+
+def write_model_files(state: dict[str, torch.Tensor], config, out_dir: str | Path,
+                      tokenizer_dir: str | Path | None = None) -> Path:
+    """Weights (tied lm_head stored once), config and, if given, the tokenizer files."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_weights(state_dict_for_saving(model), out / WEIGHTS_FILE)
-    atomic_write(out / CONFIG_FILE, lambda tmp: save_config(model.config, tmp))
+    if getattr(config, "tie_word_embeddings", False):
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    save_weights({k: v.detach().contiguous().cpu() for k, v in state.items()}, out / WEIGHTS_FILE)
+    atomic_write(out / CONFIG_FILE, lambda tmp: save_config(config, tmp))
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, out)
     return out
@@ -111,6 +112,25 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], wh
     model.load_state_dict(state, strict=False)  # keys were checked above; tied lm_head follows embed
 
 
+def is_zero_checkpoint(d: Path) -> bool:
+    return any(d.glob("*model_states.pt"))
+
+
+def consolidate_zero_checkpoint(d: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a DeepSpeed checkpoint directory of any ZeRO stage."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(d.parent), tag=d.name)
+
+
+def checkpoint_weights(d: Path) -> dict[str, torch.Tensor]:
+    """The weights of one of our checkpoints: model.safetensors, or, where a DeepSpeed run's directory
+    lacks it, the consolidation of its ZeRO shards."""
+    if not (d / WEIGHTS_FILE).exists() and is_zero_checkpoint(d):
+        return consolidate_zero_checkpoint(d)
+    return read_weights(d / WEIGHTS_FILE)
+
+
 def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     d = Path(ckpt_dir)
     try:
@@ -118,5 +138,5 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> torc
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     model = build_model(config)
-    load_state_strict(model, read_weights(d / WEIGHTS_FILE), str(d / WEIGHTS_FILE))
+    load_state_strict(model, checkpoint_weights(d), str(d))
     return model.to(device)

@@ -3,6 +3,10 @@ import os
 # Kernel modules must see this before they are imported: Triton kernels run on the CPU interpreter.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.pop("LLM_SCRATCH_KERNELS", None)
+# DeepSpeed's JIT-built C++ ops (shared-memory comm, cpu_adam) go to a cache inside the checkout,
+# so a CI run compiles them once; DeepSpeed runs on CPU ranks when there is no GPU.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(_ROOT, ".cache", "torch_extensions"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -37,6 +37,10 @@ def add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_s
     g.add_argument("--keep-checkpoints", type=int, default=2)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("distributed")
+    g.add_argument("--deepspeed", metavar="CONFIG.json",
+                   help="train through DeepSpeed with this config (ds_configs/zero{1,2,3}.json, *_offload.json)")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from launchers
 
 
 def train_args_from(ns: argparse.Namespace) -> tuple[TrainArgs, OptimConfig]:
@@ -44,7 +48,7 @@ def train_args_from(ns: argparse.Namespace) -> tuple[TrainArgs, OptimConfig]:
         out=ns.out, max_steps=ns.max_steps, stop_after=ns.stop_after, batch_size=ns.batch_size,
         grad_accum=ns.grad_accum, seed=ns.seed, eval_every=ns.eval_every, eval_batches=ns.eval_batches,
         save_every=ns.save_every, keep_checkpoints=ns.keep_checkpoints, device=ns.device,
-        progress=not ns.no_progress, resume=ns.resume,
+        progress=not ns.no_progress, resume=ns.resume, deepspeed=ns.deepspeed,
     )
     optim = OptimConfig(lr=ns.lr, min_lr_ratio=ns.min_lr_ratio, warmup_steps=ns.warmup_steps,
                         max_steps=ns.max_steps, weight_decay=ns.weight_decay, grad_clip=ns.grad_clip)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from models import build_model, load_config, make_config
 from models.config import ConfigError
@@ -100,6 +101,7 @@ def run(ns: argparse.Namespace) -> dict:
         cut = (n_rows - n_eval) * ns.seq_len
         train_set = PackedDataset(stream[: cut + 1], ns.seq_len, eot, doc_mask)
         eval_set = PackedDataset(stream[cut:], ns.seq_len, eot, doc_mask) if n_eval else None
+    torch.manual_seed(ns.seed)  # the same initial weights on every rank and every run with this seed
     model = build_model(config)
     info = {"stage": "pretrain", "model_type": config.model_type, "parameters": model.num_parameters(),
             "train_tokens": int(len(train_set) * ns.seq_len), "data": [str(p) for p in ns.data]}

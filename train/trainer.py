@@ -6,7 +6,6 @@ gradient accumulation, evaluation, logging, progress, checkpoints and exact resu
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -15,9 +14,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import latest_checkpoint, load_training_state, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import BatchOrder, collate
-from .engine import OptimConfig, TorchEngine
+from .distributed import all_reduce_mean, dist_info
+from .engine import OptimConfig, make_engine
 from .errors import UserError
 from .metrics import MetricsLog, plot_losses
 
@@ -40,19 +40,22 @@ class TrainArgs:
     device: str = "auto"
     progress: bool = True
     resume: bool = False
+    deepspeed: str | None = None  # a DeepSpeed JSON config: train through a DeepSpeed engine
 
 
 def pick_device(name: str) -> torch.device:
+    """auto: this rank's GPU (LOCAL_RANK) when CUDA is there, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            name = f"cuda:{dist_info()[1]}"
+        else:
+            return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) from the launcher's environment (deepspeed, torchrun), else (0, 1)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 class Trainer:
@@ -63,7 +66,8 @@ class Trainer:
             raise UserError(f"--max-steps must be at least 1, got {args.max_steps}")
         self.args, self.optim_cfg = args, optim
         self.optim_cfg.max_steps = args.max_steps
-        self.rank, self.world_size = dist_info()
+        self.optim_cfg.grad_accum = args.grad_accum
+        self.rank, _, self.world_size = dist_info()
         self.is_main = self.rank == 0
         self.device = pick_device(args.device)
         self.out = Path(args.out)
@@ -74,23 +78,23 @@ class Trainer:
         self.title = title
         torch.manual_seed(args.seed)
         self.model = model.to(self.device)
-        self.engine = TorchEngine(self.model, self.optim_cfg)
+        self.engine = make_engine(self.model, self.optim_cfg, self.device, args.deepspeed, args.batch_size)
         self.order = BatchOrder(len(train_set), args.batch_size, args.seed, self.rank, self.world_size)
         self.step = 0
         self.tokens_seen = 0
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self) -> dict:
+    def client_state(self) -> dict:
+        """The trainer's own part of a checkpoint (the engine adds optimizer and schedule)."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.order.state_dict(),
-                "engine": self.engine.state_dict(), "rng": rng_state()}
+                "rng": rng_state()}
 
     def _resume(self) -> int | None:
         ckpt = latest_checkpoint(self.out)
         if ckpt is None:
             raise UserError(f"--resume: no checkpoint in {self.out} (no '{self.out / 'latest'}' file)")
-        state = load_training_state(ckpt, self.model)
-        self.engine.load_state_dict(state["engine"])
+        state = self.engine.load_state(ckpt)
         self.order.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
@@ -98,8 +102,8 @@ class Trainer:
 
     def save(self) -> Path:
         args = {"train": asdict(self.args), "optim": asdict(self.optim_cfg), **self.run_config}
-        return save_checkpoint(self.out, self.step, self.model, self.state_dict(), args, self.tokenizer_dir,
-                               self.args.keep_checkpoints)
+        return save_checkpoint(self.out, self.step, self.engine, self.model.config, self.client_state(), args,
+                               self.tokenizer_dir, self.args.keep_checkpoints, self.is_main)
 
     # ------------------------------------------------------------------ loop pieces
 
@@ -114,22 +118,25 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean loss over the first eval_batches batches of the held-out set, in a fixed order."""
+        """Mean loss over the first eval_batches global batches of the held-out set, in a fixed order.
+        Each rank takes its slice of every global batch, so the numbers equal a one-process run's."""
         if self.eval_set is None or len(self.eval_set) == 0:
             return {}
-        self.model.eval()
+        self.engine.train(False)
         bs = self.args.batch_size
+        global_bs = bs * self.world_size
         totals: dict[str, float] = {}
         n = 0
-        for b in range(min(self.args.eval_batches, math.ceil(len(self.eval_set) / bs))):
-            rows = [self.eval_set[i] for i in range(b * bs, min(len(self.eval_set), (b + 1) * bs))]
+        for b in range(min(self.args.eval_batches, max(1, len(self.eval_set) // global_bs))):
+            start = b * global_bs + self.rank * bs
+            rows = [self.eval_set[i % len(self.eval_set)] for i in range(start, start + bs)]
             with self._autocast():
-                loss, stats = self.loss_fn(self.model, self._to_device(self.collate_fn(rows)))
+                loss, stats = self.loss_fn(self.engine.module, self._to_device(self.collate_fn(rows)))
             for k, v in {"loss": float(loss), **stats}.items():
                 totals[k] = totals.get(k, 0.0) + v
             n += 1
-        self.model.train()
-        out = {f"eval_{k}": v / n for k, v in totals.items()}
+        self.engine.train(True)
+        out = all_reduce_mean({f"eval_{k}": v / n for k, v in totals.items()}, self.device)
         out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
         return out
 
@@ -139,8 +146,8 @@ class Trainer:
         for _ in range(self.args.grad_accum):
             batch = self._next_batch()
             with self._autocast():
-                loss, stats = self.loss_fn(self.model, batch)
-            self.engine.backward(loss / self.args.grad_accum)
+                loss, stats = self.loss_fn(self.engine.module, batch)
+            self.engine.backward(loss)
             for k, v in {"loss": float(loss.detach()), **stats}.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v / self.args.grad_accum
             tokens += int(batch["input_ids"].numel())
@@ -148,6 +155,7 @@ class Trainer:
         grad_norm = self.engine.step()
         self.step += 1
         self.tokens_seen += tokens * self.world_size
+        stats_sum = all_reduce_mean(stats_sum, self.device)  # the global batch's mean, as one process sees it
         return {**stats_sum, "lr": lr, "grad_norm": grad_norm, "tokens": tokens * self.world_size}
 
     # ------------------------------------------------------------------ the loop
@@ -156,7 +164,7 @@ class Trainer:
         resumed = self._resume() if self.args.resume else None
         end = min(self.args.max_steps, self.args.stop_after or self.args.max_steps)
         log = MetricsLog(self.out / "metrics.jsonl", resume_step=resumed, enabled=self.is_main)
-        self.model.train()
+        self.engine.train(True)
         summary: dict = {"start_step": self.step}
         if resumed is None:
             first_eval = self.evaluate()
@@ -182,7 +190,8 @@ class Trainer:
                 if ev:
                     log.write({"step": self.step, **ev})
                     summary["eval_after"] = ev
-                    bar.write(f"step {self.step}: held-out loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})")
+                    if self.is_main:
+                        bar.write(f"step {self.step}: held-out loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})")
             if self.step % self.args.save_every == 0 or self.step == end:
                 summary["checkpoint"] = str(self.save())
         bar.close()

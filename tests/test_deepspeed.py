@@ -1,0 +1,161 @@
+"""DeepSpeed and torchrun on 2 CPU ranks (gloo): ZeRO-1/2/3 and an offload config give the losses of a
+one-process run with the same global batch; a ZeRO-3 run stops, resumes and exports to transformers.
+
+Tolerance: every training and held-out loss within 1e-5 relative of the one-process run (measured
+here: about 3e-8; the only difference is the order of the gradient reduction).
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.metrics import read_metrics
+from train.pretrain import main as pretrain_main
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
+RTOL = 1e-5
+GLOBAL_BATCH = 8
+
+
+def _common(synthetic_dir, tokenizer_dir, out):
+    return ["--data", str(synthetic_dir / "pretrain_train.jsonl"),
+            "--eval-data", str(synthetic_dir / "pretrain_eval.jsonl"),
+            "--tokenizer", str(tokenizer_dir), "--out", str(out), "--preset", "micro", "--seq-len", "64",
+            "--max-steps", "4", "--eval-every", "2", "--eval-batches", "2", "--warmup-steps", "2",
+            "--save-every", "2", "--seed", "1", "--no-progress"]
+
+
+def _port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _launch(launcher: str, args: list[str], config: str | None = None):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if launcher == "deepspeed":
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", _port(), "--module", "train.pretrain"]
+    else:
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", _port(), "-m", "train.pretrain"]
+    cmd += args + ["--batch-size", str(GLOBAL_BATCH // 2)]
+    if config:
+        cmd += ["--deepspeed", str(ROOT / "ds_configs" / config)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    return r
+
+
+def _losses(out: Path) -> list[tuple[int, str, float]]:
+    return [(r["step"], k, r[k]) for r in read_metrics(out / "metrics.jsonl") for k in ("loss", "eval_loss") if k in r]
+
+
+def _assert_same(got, want):
+    assert [(s, k) for s, k, _ in got] == [(s, k) for s, k, _ in want]
+    for (step, key, a), (_, _, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=RTOL), (step, key, a, b)
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic_dir, tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    pretrain_main(_common(synthetic_dir, tokenizer_dir, out) + ["--batch-size", str(GLOBAL_BATCH)])
+    return _losses(out)
+
+
+@pytest.mark.parametrize("config", ["zero1.json", "zero2.json", "zero2_offload.json"])
+def test_deepspeed_two_ranks_match_one_process(config, reference, synthetic_dir, tokenizer_dir, tmp_path):
+    out = tmp_path / "run"
+    r = _launch("deepspeed", _common(synthetic_dir, tokenizer_dir, out), config)
+    _assert_same(_losses(out), reference)
+    assert r.stdout.count("pretrain: ") == 1  # only rank 0 prints
+    ckpt = out / "checkpoints" / "step_0000004"
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "mp_rank_00_model_states.pt").exists()
+
+
+def test_torchrun_ddp_matches_one_process(reference, synthetic_dir, tokenizer_dir, tmp_path):
+    out = tmp_path / "run"
+    _launch("torchrun", _common(synthetic_dir, tokenizer_dir, out))
+    _assert_same(_losses(out), reference)
+
+
+def test_zero3_stop_resume_continue_and_export(reference, synthetic_dir, tokenizer_dir, tmp_path):
+    out = tmp_path / "run"
+    args = _common(synthetic_dir, tokenizer_dir, out)
+    _launch("deepspeed", args + ["--stop-after", "2"], "zero3.json")
+    assert (out / "latest").read_text().strip() == "step_0000002"
+    # what a run killed in the middle of its next save leaves behind: a half-written temporary directory
+    stale = out / "checkpoints" / ".tmp-step_0000004"
+    stale.mkdir()
+    (stale / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"partial")
+    _launch("deepspeed", args + ["--resume"], "zero3.json")
+    _assert_same(_losses(out), reference)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step_0000002", "step_0000004"]
+
+    # export a bare ZeRO-3 checkpoint (shards only): consolidated weights must give the in-memory model's logits
+    ckpt = out / "checkpoints" / "step_0000004"
+    bare = tmp_path / "bare" / "step_0000004"
+    shutil.copytree(ckpt, bare, ignore=shutil.ignore_patterns("model.safetensors"))
+    r = subprocess.run([str(BIN / "llm-scratch"), "export", "--checkpoint", str(bare), "--out", str(tmp_path / "hf")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    from transformers import AutoModelForCausalLM
+
+    from models import load_pretrained
+
+    in_memory = load_pretrained(ckpt).eval()  # gathered from the ranks' ZeRO-3 partitions at save time
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager").eval()
+    ids = torch.randint(0, in_memory.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        a, b = in_memory(ids).logits, hf(ids).logits
+    assert ((a - b).norm() / a.norm()).item() < 1e-5
+
+
+def _resolve(raw, **over):
+    from train.ds_config import resolve_ds_config
+
+    kw = dict(path="cfg.json", micro_batch=4, grad_accum=2, world_size=2, grad_clip=1.0, lr=1e-3, betas=(0.9, 0.95),
+              eps=1e-8, weight_decay=0.1, bf16=False, hidden_size=64)
+    kw.update(over)
+    return resolve_ds_config(raw, **kw)
+
+
+def test_auto_values_are_filled_from_the_arguments():
+    cfg = _resolve(json.loads((ROOT / "ds_configs" / "zero3.json").read_text()))
+    assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 2
+    assert cfg["train_batch_size"] == 16 and cfg["gradient_clipping"] == 1.0 and cfg["bf16"]["enabled"] is False
+    assert cfg["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
+                                          "torch_adam": True}
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 640
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"gradient_accumulation_steps": 4}, '"gradient_accumulation_steps" is 4 but --grad-accum gives 2'),
+    ({"train_batch_size": 8}, '"train_batch_size" is 8 but --batch-size x --grad-accum x world size gives 16'),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, 'optimizer.params: "lr" is 0.1 but --lr gives 0.001'),
+    ({"scheduler": {"type": "WarmupLR"}}, '"scheduler" must not be set'),
+    ({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}, '"zero_optimization.sub_group_size" is "auto"'),
+    ({"fp16": {"enabled": True}}, "fp16 is not supported"),
+])
+def test_contradicting_config_names_the_key(raw, needle):
+    from train.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        _resolve(raw)
+    assert needle in str(e.value) and "cfg.json" in str(e.value)
+
+
+def test_plain_run_does_not_import_deepspeed(synthetic_dir, tokenizer_dir, tmp_path):
+    code = ("import sys; from train.pretrain import main; main(sys.argv[1:]); "
+            "assert 'deepspeed' not in sys.modules, 'deepspeed was imported'")
+    args = _common(synthetic_dir, tokenizer_dir, tmp_path / "run") + ["--max-steps", "1", "--batch-size", "2"]
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
