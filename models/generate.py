@@ -1,5 +1,5 @@
 """Autoregressive generation with a KV cache: greedy or sampled (temperature, top-k, top-p),
-batched left-padded prompts, stop tokens, and a streaming callback."""
+repetition penalty, batched left-padded prompts, stop tokens, and a streaming callback."""
 
 from __future__ import annotations
 
@@ -20,6 +20,14 @@ def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
+
+
+def _penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style repetition penalty (as transformers applies it): for tokens already in the context,
+    positive logits are divided by the penalty and negative ones multiplied by it."""
+    scores = logits.gather(-1, seen)
+    scores = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits.scatter(-1, seen, scores)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,6 +51,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    repetition_penalty: float = 1.0,
     stop_ids: Sequence[int] = (),
     pad_id: int = 0,
     generator: torch.Generator | None = None,
@@ -66,14 +75,18 @@ def generate(
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     padded = bool((mask == 0).any())
     logits = model(ids, attention_mask=mask if padded else None, position_ids=positions, kv_cache=cache).logits
+    context = ids  # prompt (padding included: pad_id is never a real token) and tokens so far
     for _ in range(max_len - t):
         next_logits = logits[:, -1, :].float()
+        if repetition_penalty != 1.0:
+            next_logits = _penalize_repeats(next_logits, context, repetition_penalty)
         if temperature > 0:
             probs = _filter_logits(next_logits / temperature, top_k, top_p).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         else:
             nxt = next_logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        context = torch.cat([context, nxt[:, None]], dim=1)
         for i in range(b):
             if not done[i]:
                 out[i].append(int(nxt[i]))

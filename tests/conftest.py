@@ -37,3 +37,19 @@ def tokenizer(tokenizer_dir):
     from train.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def sft_model_dir(tmp_path_factory, synthetic_dir, tokenizer_dir):
+    """A micro model briefly pretrained and SFT-trained, as the DPO stage's starting point."""
+    from train.pretrain import main as pretrain_main
+    from train.sft import main as sft_main
+
+    d = tmp_path_factory.mktemp("dpo-init")
+    pretrain_main(["--data", str(synthetic_dir / "pretrain_train.jsonl"), "--tokenizer", str(tokenizer_dir),
+                   "--out", str(d / "pre"), "--preset", "micro", "--seq-len", "64", "--batch-size", "8",
+                   "--max-steps", "20", "--eval-every", "0", "--no-progress", "--lr", "1e-2"])
+    sft_main(["--init", str(d / "pre"), "--data", str(synthetic_dir / "sft_train.jsonl"), "--out", str(d / "sft"),
+              "--seq-len", "256", "--batch-size", "8", "--max-steps", "20", "--eval-every", "0", "--no-progress",
+              "--lr", "1e-2"])
+    return d / "sft"

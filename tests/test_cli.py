@@ -44,8 +44,10 @@ def test_demo_quick(tmp_path):
     r = _run(str(BIN / "llm-scratch"), "demo", "--quick", "--out", str(tmp_path / "demo"))
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    assert "[5/5]" in out and "held-out loss" in out
-    assert "3/3 prompts give the same tokens in transformers as in our model" in out
+    assert "[7/7]" in out and "held-out loss" in out and "held-out results" in out
+    assert "2/2 chat answers are token-for-token the same as our model's" in out
+    for stage in ("pretrain", "sft", "dpo"):
+        assert (tmp_path / "demo" / stage / "loss.png").exists()
     assert (tmp_path / "demo" / "hf" / "model.safetensors").exists()
 
 
@@ -81,3 +83,25 @@ def test_tokenizer_that_does_not_match_the_checkpoint(tmp_path, capsys, tokenize
     save_model(DenseLM(make_config("dense", "micro", vocab_size=64)), tmp_path / "ck", tokenizer_dir)
     _expect_error(capsys, ["sample", "--checkpoint", str(tmp_path / "ck"), "--prompt", "hi"],
                   "the tokenizer has")
+
+
+def test_verify_every_stage_learns(tmp_path):
+    r = _run(str(BIN / "llm-scratch"), "verify", "--out", str(tmp_path / "v"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    for stage in ("pretrain", "sft", "dpo"):
+        assert f"verify: dense  {stage:8s} loss" in r.stdout
+    assert "all 3 stage runs finite and falling" in r.stdout
+
+
+def test_chat_one_shot_cli(tmp_path, tokenizer_dir):
+    from models import DenseLM, make_config, save_model
+    from train.tokenizer import load_tokenizer
+
+    save_model(DenseLM(make_config("dense", "micro", vocab_size=len(load_tokenizer(tokenizer_dir)))),
+               tmp_path / "ck", tokenizer_dir)
+    args = (str(BIN / "llm-scratch"), "chat", "--checkpoint", str(tmp_path / "ck"), "--prompt", "What is 1 + 2?",
+            "--temperature", "0", "--max-new-tokens", "12")
+    a, b = _run(*args), _run(*args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout  # greedy: deterministic
+    assert "Traceback" not in a.stderr

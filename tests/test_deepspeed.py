@@ -39,12 +39,12 @@ def _port() -> str:
         return str(s.getsockname()[1])
 
 
-def _launch(launcher: str, args: list[str], config: str | None = None):
+def _launch(launcher: str, args: list[str], config: str | None = None, module: str = "train.pretrain"):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     if launcher == "deepspeed":
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", _port(), "--module", "train.pretrain"]
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", _port(), "--module", module]
     else:
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", _port(), "-m", "train.pretrain"]
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", _port(), "-m", module]
     cmd += args + ["--batch-size", str(GLOBAL_BATCH // 2)]
     if config:
         cmd += ["--deepspeed", str(ROOT / "ds_configs" / config)]
@@ -116,6 +116,31 @@ def test_zero3_stop_resume_continue_and_export(reference, synthetic_dir, tokeniz
     with torch.no_grad():
         a, b = in_memory(ids).logits, hf(ids).logits
     assert ((a - b).norm() / a.norm()).item() < 1e-5
+
+
+def _finetune_args(kind: str, init: Path, synthetic_dir: Path, out: Path) -> list[str]:
+    return ["--init", str(init), "--data", str(synthetic_dir / f"{kind}_train.jsonl"),
+            "--eval-data", str(synthetic_dir / f"{kind}_eval.jsonl"), "--out", str(out), "--seq-len", "256",
+            "--max-steps", "3", "--eval-every", "3", "--eval-batches", "2", "--warmup-steps", "1", "--lr", "1e-3",
+            "--seed", "2", "--no-progress"]
+
+
+def test_sft_and_dpo_under_deepspeed_match_one_process(sft_model_dir, synthetic_dir, tmp_path):
+    """SFT under ZeRO-2 (rows of different lengths on each rank: the loss is weighted by target tokens
+    over the global batch) and DPO under ZeRO-3 with its frozen reference as a partitioned inference
+    engine, against one process (DPO there with precomputed reference log-probs)."""
+    from train.dpo import main as dpo_main
+    from train.sft import main as sft_main
+
+    sft_main(_finetune_args("sft", sft_model_dir, synthetic_dir, tmp_path / "sft1") + ["--batch-size", "8"])
+    _launch("deepspeed", _finetune_args("sft", sft_model_dir, synthetic_dir, tmp_path / "sft2"), "zero2.json",
+            module="train.sft")
+    _assert_same(_losses(tmp_path / "sft2"), _losses(tmp_path / "sft1"))
+
+    dpo_main(_finetune_args("dpo", sft_model_dir, synthetic_dir, tmp_path / "dpo1") + ["--batch-size", "8"])
+    _launch("deepspeed", _finetune_args("dpo", sft_model_dir, synthetic_dir, tmp_path / "dpo2")
+            + ["--reference", "model"], "zero3.json", module="train.dpo")
+    _assert_same(_losses(tmp_path / "dpo2"), _losses(tmp_path / "dpo1"))
 
 
 def _resolve(raw, **over):

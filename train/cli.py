@@ -3,9 +3,14 @@
     llm-scratch data --out DIR                  write the embedded synthetic data sets
     llm-scratch tokenizer --data F... --vocab-size N --out DIR
     llm-scratch pretrain --data F... --tokenizer DIR --out DIR [--preset tiny]
+    llm-scratch sft --init DIR --data F... --out DIR
+    llm-scratch dpo --init DIR --data F... --out DIR
+    llm-scratch chat --checkpoint DIR [--think|--no-think] [--prompt TEXT]
+    llm-scratch eval --checkpoint DIR --data EVAL.jsonl
     llm-scratch export --checkpoint DIR --out HF_DIR
     llm-scratch sample --checkpoint DIR --prompt TEXT
-    llm-scratch demo [--out DIR]                the whole pipeline on CPU in a few minutes
+    llm-scratch demo [--out DIR]                the whole pipeline on CPU
+    llm-scratch verify                          every stage for a few steps: losses finite and falling
 """
 
 from __future__ import annotations
@@ -50,11 +55,38 @@ def cmd_tokenizer(ns) -> None:
           f"{stats['seconds']:.1f} s -> {ns.out}")
 
 
-def cmd_pretrain(ns) -> None:
-    from .pretrain import run
-
-    s = run(ns)
+def cmd_stage(ns) -> None:
+    s = ns.stage_run(ns)
     print(json.dumps({k: s.get(k) for k in ("end_step", "first_loss", "last_loss", "checkpoint", "plot")}, indent=2))
+
+
+def cmd_chat(ns) -> None:
+    from .chat import run_chat
+
+    run_chat(ns)
+
+
+def cmd_eval(ns) -> None:
+    from models import load_pretrained
+
+    from .evaluate import exact_match, load_eval_records
+    from .sampling import check_vocab, tokenizer_dir_for
+    from .tokenizer import load_tokenizer
+
+    model = load_pretrained(ns.checkpoint).eval()
+    tok = load_tokenizer(tokenizer_dir_for(ns.checkpoint))
+    check_vocab(tok, model, ns.checkpoint)
+    records = [r for path in ns.data for r in load_eval_records(path)][: ns.limit]
+    res = exact_match(model, tok, records, think=ns.think, max_new_tokens=ns.max_new_tokens)
+    for name, (c, n) in res["by_category"].items():
+        print(f"{name:24s} {c:5d}/{n:<5d} {c / n:7.1%}")
+    print(f"{'overall':24s} {res['correct']:5d}/{res['total']:<5d} {res['overall']:7.1%}")
+
+
+def cmd_verify(ns) -> None:
+    from .verify import run_verify
+
+    run_verify(ns.out)
 
 
 def cmd_export(ns) -> None:
@@ -101,7 +133,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("pretrain", help="pretrain a model on text")
     pretrain.build_parser(s)
-    s.set_defaults(fn=cmd_pretrain)
+    s.set_defaults(fn=cmd_stage, stage_run=pretrain.run)
+
+    from . import dpo, sft
+
+    s = sub.add_parser("sft", help="supervised fine-tuning on conversations (loss on assistant tokens)")
+    sft.build_parser(s)
+    s.set_defaults(fn=cmd_stage, stage_run=sft.run)
+
+    s = sub.add_parser("dpo", help="direct preference optimization on chosen/rejected pairs")
+    dpo.build_parser(s)
+    s.set_defaults(fn=cmd_stage, stage_run=dpo.run)
+
+    s = sub.add_parser("chat", help="chat with a model; reasoning shown apart from the answer")
+    s.add_argument("--checkpoint", required=True, help="a checkpoint, run or transformers directory")
+    s.add_argument("--think", dest="think", action="store_true", default=True, help="let the model reason (default)")
+    s.add_argument("--no-think", dest="think", action="store_false", help="answer directly (empty think block)")
+    s.add_argument("--prompt", help="one message, answered once (no REPL)")
+    s.add_argument("--system", help="a system message")
+    s.add_argument("--max-new-tokens", type=int, default=512)
+    s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (deterministic)")
+    s.add_argument("--top-k", type=int, default=50)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("eval", help="held-out exact-match accuracy (records with 'messages' and 'answer')")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--data", nargs="+", required=True, metavar="FILE")
+    s.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
+    s.add_argument("--no-think", dest="think", action="store_false", default=True)
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("verify", help="every model through every stage for a few steps, on fresh tiny data")
+    s.add_argument("--out", default=None, help="keep the outputs here (default: a temporary directory)")
+    s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("export", help="write a native transformers checkpoint")
     s.add_argument("--checkpoint", required=True, help="a checkpoint or run directory")

@@ -1,92 +1,208 @@
 """`llm-scratch demo` (what `make demo` runs): the whole pipeline on the embedded data, on CPU.
 
-1. synthesize the data sets; 2. train the tokenizer; 3. pretrain a ~3M-parameter dense model;
-4. print greedy samples; 5. export to transformers, reload there, generate, and compare.
+tokenizer -> pretrain -> SFT -> DPO -> chat, then export to transformers and generate there. After
+each stage it measures held-out exact-match accuracy on the arithmetic questions (and the other chat
+tasks); after DPO also the preference accuracy and margin on held-out pairs. It ends with a table.
 """
 
 from __future__ import annotations
 
+import io
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from .cli import build_parser as _cli_parser
-from .pretrain import run as run_pretrain
 from .synthetic import generate as generate_data
 from .tokenizer import ENDOFTEXT, PAD, load_tokenizer, train_tokenizer
 
-PROMPTS = ["Mia has a red", "Once upon a time, a little", "The sum of 25 and 17 is"]
+PROMPTS = ["Mia has a red", "Once upon a time, a little"]
+CHAT_QUESTIONS = [("What is 487 + 356?", True), ("What is 702 - 358?", False)]
+
+# (name, default settings, --quick settings)
+PLAN = {
+    "sizes": (dict(pretrain_docs=20000, sft=20000, dpo=3000), dict(pretrain_docs=1500, sft=300, dpo=100)),
+    "preset": ("nano", "micro"),
+    "pretrain_steps": (100, 8),
+    "sft_steps": (1200, 8),
+    "dpo_steps": (60, 6),
+    "eval_records": (400, 20),
+}
 
 
-def _say(n: int, text: str) -> None:
-    print(f"\n[{n}/5] {text}", flush=True)
+def _say(n: int, total: int, text: str) -> None:
+    print(f"\n[{n}/{total}] {text}", flush=True)
+
+
+def _stage(argv: list[str]) -> dict:
+    """Run a stage exactly as `llm-scratch STAGE ARGS...` would."""
+    ns = _cli_parser().parse_args(argv)
+    return ns.stage_run(ns)
+
+
+def _accuracy(run_dir: Path, tok, records) -> dict:
+    from models import load_pretrained
+
+    from .evaluate import exact_match
+
+    return exact_match(load_pretrained(run_dir).eval(), tok, records, think=True, max_new_tokens=200)
+
+
+def _arith(res: dict, kind: str) -> str:
+    c = sum(v[0] for k, v in res["by_category"].items() if k.startswith(kind))
+    n = sum(v[1] for k, v in res["by_category"].items() if k.startswith(kind))
+    return f"{c / n:6.1%} ({c}/{n})" if n else "   n/a"
+
+
+def _arith3(res: dict) -> str:
+    c = sum(v[0] for k, v in res["by_category"].items() if k.endswith("3-digit"))
+    n = sum(v[1] for k, v in res["by_category"].items() if k.endswith("3-digit"))
+    return f"{c / n:6.1%} ({c}/{n})" if n else "   n/a"
 
 
 def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: bool = False) -> dict:
     t_all = time.perf_counter()
     out = Path(out_dir)
-    steps = steps or (10 if quick else 240)
+    q = 1 if quick else 0
+    cfg = {k: v[q] for k, v in PLAN.items()}
+    if steps:
+        cfg["pretrain_steps"] = steps
+    total = 7
     print(f"llm-from-scratch demo -> {out.resolve()}")
+    for sub in ("pretrain", "sft", "dpo", "hf"):  # a previous demo's runs: start them again
+        shutil.rmtree(out / sub, ignore_errors=True)
 
-    _say(1, "synthesizing the embedded data (stories, arithmetic, SFT/DPO sets with held-out splits)")
-    sizes = dict(pretrain_docs=1500, sft=200, dpo=100) if quick else dict(pretrain_docs=20000, sft=4000, dpo=2000)
-    paths = generate_data(out / "data", seed=0, **sizes)
+    _say(1, total, "synthesizing the embedded data (stories, arithmetic with reasoning, DPO pairs; held-out splits)")
+    paths = generate_data(out / "data", seed=0, **cfg["sizes"])
     for name, p in paths.items():
         print(f"  {name:15s} {p}  ({sum(1 for _ in p.open())} records)")
 
-    _say(2, "training the byte-level BPE tokenizer")
-    stats = train_tokenizer([paths["pretrain_train"], paths["sft_train"]], 4096, out / "tokenizer", quiet=True)
+    _say(2, total, "training the byte-level BPE tokenizer")
+    tok_dir = out / "tokenizer"
+    stats = train_tokenizer([paths["pretrain_train"], paths["sft_train"]], 4096, tok_dir, quiet=True)
     print(f"  {stats['vocab_size']} tokens learned from {stats['bytes'] / 1e6:.1f} MB in {stats['seconds']:.1f} s "
-          f"-> {out / 'tokenizer'}")
+          f"-> {tok_dir}")
+    tok = load_tokenizer(tok_dir)
+    from .evaluate import load_eval_records
 
-    _say(3, f"pretraining a dense (Qwen2.5-style) model for {steps} steps on CPU")
-    run_dir = out / "pretrain"
-    argv = ["pretrain", "--data", str(paths["pretrain_train"]), "--eval-data", str(paths["pretrain_eval"]),
-            "--tokenizer", str(out / "tokenizer"), "--out", str(run_dir), "--max-steps", str(steps),
-            "--preset", "micro" if quick else "tiny", "--seq-len", "128" if quick else "256",
-            "--batch-size", "8" if quick else "16", "--eval-every", str(max(1, steps // 8)),
-            "--save-every", str(steps), "--warmup-steps", str(max(1, steps // 10)), "--lr", "3e-3"]
-    if (run_dir / "latest").exists():  # a previous demo's run: start it again
-        import shutil
+    eval_records = load_eval_records(paths["sft_eval"])[: cfg["eval_records"]]
+    acc: dict[str, dict] = {}
+    secs: dict[str, float] = {}
 
-        shutil.rmtree(run_dir)
-    summary = run_pretrain(_cli_parser().parse_args(argv))
-    before, after = summary["eval_before"]["eval_loss"], summary["eval_after"]["eval_loss"]
-    print(f"  held-out loss {before:.3f} -> {after:.3f} (perplexity {summary['eval_before']['eval_ppl']:.1f} -> "
-          f"{summary['eval_after']['eval_ppl']:.2f}); {summary['tokens_per_s']:,.0f} tokens/s")
-    print(f"  checkpoint {summary['checkpoint']}\n  metrics {run_dir / 'metrics.jsonl'}\n  loss plot {summary['plot']}")
+    _say(3, total, f"pretraining a dense (Qwen2.5-style) model, preset {cfg['preset']!r}, "
+                   f"{cfg['pretrain_steps']} steps")
+    t0 = time.perf_counter()
+    s = cfg["pretrain_steps"]
+    pre = _stage(["pretrain", "--data", str(paths["pretrain_train"]), "--eval-data", str(paths["pretrain_eval"]),
+                  "--tokenizer", str(tok_dir), "--out", str(out / "pretrain"), "--max-steps", str(s),
+                  "--preset", cfg["preset"], "--seq-len", "256", "--batch-size", "16",
+                  "--eval-every", str(max(1, s // 4)), "--save-every", str(s),
+                  "--warmup-steps", str(max(1, s // 10)), "--lr", "3e-3"])
+    secs["pretrain"] = time.perf_counter() - t0
+    print(f"  held-out loss {pre['eval_before']['eval_loss']:.3f} -> {pre['eval_after']['eval_loss']:.3f}; "
+          f"{pre['tokens_per_s']:,.0f} tokens/s; checkpoint {pre['checkpoint']}; loss plot {pre['plot']}")
+    acc["pretrain"] = _accuracy(out / "pretrain", tok, eval_records)
+    _samples(out / "pretrain", tok)
 
-    _say(4, "greedy samples from our model")
+    _say(4, total, f"SFT: chat-formatted reasoning, loss on assistant tokens only, {cfg['sft_steps']} steps")
+    t0 = time.perf_counter()
+    s = cfg["sft_steps"]
+    sft = _stage(["sft", "--init", str(out / "pretrain"), "--data", str(paths["sft_train"]),
+                  "--eval-data", str(paths["sft_eval"]), "--out", str(out / "sft"), "--pack", "--seq-len", "256",
+                  "--batch-size", "24", "--max-steps", str(s), "--eval-every", str(max(1, s // 4)),
+                  "--save-every", str(s), "--warmup-steps", str(max(1, s // 30)), "--lr", "5e-3"])
+    secs["sft"] = time.perf_counter() - t0
+    print(f"  held-out loss {sft['eval_before']['eval_loss']:.3f} -> {sft['eval_after']['eval_loss']:.3f}; "
+          f"checkpoint {sft['checkpoint']}")
+    acc["sft"] = _accuracy(out / "sft", tok, eval_records)
+    print(f"  held-out exact match: addition {_arith(acc['sft'], 'addition')}, "
+          f"subtraction {_arith(acc['sft'], 'subtraction')}")
+
+    _say(5, total, f"DPO: correct vs plausible wrong reasoning, beta 0.1, {cfg['dpo_steps']} steps")
+    t0 = time.perf_counter()
+    s = cfg["dpo_steps"]
+    dpo = _stage(["dpo", "--init", str(out / "sft"), "--data", str(paths["dpo_train"]),
+                  "--eval-data", str(paths["dpo_eval"]), "--out", str(out / "dpo"), "--seq-len", "256",
+                  "--batch-size", "16", "--max-steps", str(s), "--eval-every", str(s), "--eval-batches", "16",
+                  "--save-every", str(s), "--warmup-steps", str(max(1, s // 10)), "--lr", "2e-5"])
+    secs["dpo"] = time.perf_counter() - t0
+    before, after = dpo["eval_before"], dpo["eval_after"]
+    print(f"  held-out pairs: loss {before['eval_loss']:.3f} -> {after['eval_loss']:.3f}, reward accuracy "
+          f"{after['eval_accuracy']:.1%}, margin {after['eval_margin']:.2f}; the policy prefers the correct answer "
+          f"in {before['eval_prefers_chosen']:.1%} -> {after['eval_prefers_chosen']:.1%} of pairs")
+    acc["dpo"] = _accuracy(out / "dpo", tok, eval_records)
+
+    _say(6, total, "chat with the final model (greedy): reasoning shown apart from the answer")
+    from .chat import ChatSession, Display
+
+    session = ChatSession(out / "dpo", think=True, temperature=0.0, max_new_tokens=200)
+    for question, think in CHAT_QUESTIONS:
+        session.reset()
+        session.think = think
+        print(f"  > {question}   ({'thinking on' if think else 'thinking off: --no-think'})")
+        buf = io.StringIO()
+        session.reply(question, Display(buf))
+        print("    " + buf.getvalue().rstrip().replace("\n", "\n    "))
+
+    _say(7, total, "exporting to transformers and generating there from the same weights")
+    agree, hf_dir = _export_and_compare(out, tok)
+
+    print(f"\nheld-out results ({len(eval_records)} questions, greedy, thinking on; "
+          f"{dpo['held_out_pairs']} held-out preference pairs)")
+    print(f"  {'stage':8s} {'3-digit +/-':>16s} {'addition':>16s} {'subtraction':>16s} {'all tasks':>9s} "
+          f"{'prefers correct':>15s} {'reward acc':>10s} {'margin':>7s}")
+    prefs = {"pretrain": None, "SFT": before, "DPO": after}
+    for name, res in (("pretrain", acc["pretrain"]), ("SFT", acc["sft"]), ("DPO", acc["dpo"])):
+        p = prefs[name]
+        pref = (f"{p['eval_prefers_chosen']:15.1%} {p['eval_accuracy']:10.1%} {p['eval_margin']:7.2f}" if p
+                else f"{'':15s} {'':10s} {'':7s}")
+        print(f"  {name:8s} {_arith3(res):>16s} {_arith(res, 'addition'):>16s} {_arith(res, 'subtraction'):>16s} "
+              f"{res['overall']:9.1%} {pref}")
+    elapsed = time.perf_counter() - t_all
+    print("  prefers correct: share of held-out pairs where the model gives the correct answer the higher "
+          "log-probability; reward acc and margin: DPO's implicit rewards (zero at the SFT row, where the "
+          "policy is the reference)")
+    print(f"\ndemo done in {elapsed:.0f} s (pretrain {secs['pretrain']:.0f} s, SFT {secs['sft']:.0f} s, "
+          f"DPO {secs['dpo']:.0f} s). Outputs under {out}: data/, tokenizer/, pretrain/, sft/, dpo/ "
+          f"(each with metrics.jsonl and loss.png), hf/ (transformers).")
+    print(f"Next: llm-scratch chat --checkpoint {out / 'dpo'}")
+    return {"accuracy": acc, "dpo": dpo, "agree": agree, "seconds": elapsed}
+
+
+def _samples(run_dir: Path, tok) -> None:
     from models import load_pretrained
     from models.generate import generate
 
-    tok = load_tokenizer(out / "tokenizer")
-    ours = load_pretrained(run_dir)
+    model = load_pretrained(run_dir)
     stop, pad = [tok.convert_tokens_to_ids(ENDOFTEXT)], tok.convert_tokens_to_ids(PAD)
-    prompt_ids = [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
-    our_new = generate(ours, prompt_ids, 40, stop_ids=stop, pad_id=pad)
-    for p, new in zip(PROMPTS, our_new):
-        print(f"  {p!r} -> {tok.decode(new, skip_special_tokens=True)!r}")
+    outs = generate(model, [tok.encode(p, add_special_tokens=False) for p in PROMPTS], 30, stop_ids=stop, pad_id=pad)
+    for p, new in zip(PROMPTS, outs):
+        print(f"  sample: {p!r} -> {tok.decode(new, skip_special_tokens=True)!r}")
 
-    _say(5, "exporting to transformers and generating there from the same weights")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models import export_hf
+def _export_and_compare(out: Path, tok) -> tuple[int, Path]:
+    from transformers import AutoModelForCausalLM
 
-    hf_dir = export_hf(run_dir, out / "hf")
+    from models import export_hf, load_pretrained
+    from models.generate import generate
+
+    hf_dir = export_hf(out / "dpo", out / "hf")
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
-    hf_tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    ours = load_pretrained(out / "dpo")
+    stop = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", ENDOFTEXT)]
+    pad = tok.convert_tokens_to_ids(PAD)
     agree = 0
-    for p, new in zip(PROMPTS, our_new):
-        ids = torch.tensor([hf_tok.encode(p, add_special_tokens=False)])
+    for question, think in CHAT_QUESTIONS:
+        text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                       add_generation_prompt=True, enable_thinking=think)
+        ids = tok.encode(text, add_special_tokens=False)
+        mine = generate(ours, [ids], 200, stop_ids=stop, pad_id=pad)[0]
         with torch.no_grad():
-            gen = hf_model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=stop, pad_token_id=pad)
-        hf_new = gen[0, ids.shape[1]:].tolist()
-        agree += hf_new == new
-        print(f"  transformers {type(hf_model).__name__}: {p!r} -> {hf_tok.decode(hf_new, skip_special_tokens=True)!r}")
-    print(f"  {agree}/{len(PROMPTS)} prompts give the same tokens in transformers as in our model -> {hf_dir}")
-    elapsed = time.perf_counter() - t_all
-    print(f"\ndemo done in {elapsed:.0f} s. Outputs: data {out / 'data'}, tokenizer {out / 'tokenizer'}, "
-          f"run {run_dir}, transformers export {hf_dir}")
-    return {"summary": summary, "agree": agree, "seconds": elapsed}
+            gen = hf_model.generate(torch.tensor([ids]), max_new_tokens=200, do_sample=False, eos_token_id=stop,
+                                    pad_token_id=pad)
+        agree += gen[0, len(ids):].tolist() == mine
+    print(f"  transformers {type(hf_model).__name__} loaded {hf_dir} without trust_remote_code; "
+          f"{agree}/{len(CHAT_QUESTIONS)} chat answers are token-for-token the same as our model's")
+    return agree, hf_dir

@@ -25,15 +25,20 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average scalar statistics over ranks (so rank 0 logs the global batch's numbers)."""
+def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum scalar statistics over ranks (in float64), so rank 0 can log the global batch's numbers."""
     if not is_distributed() or not values:
-        return values
+        return dict(values)
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(t)
+    return t
 
 
 def init_process_group(device: torch.device) -> None:

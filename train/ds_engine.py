@@ -95,3 +95,18 @@ class DeepSpeedEngine:
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
+
+    def frozen(self, model: torch.nn.Module):
+        """An inference-only engine for a second model (DPO's reference), partitioned like the trained
+        one under ZeRO-3 so no rank ever holds all of it; plain replicas otherwise (DeepSpeed-Chat's
+        scheme)."""
+        import deepspeed
+
+        model.requires_grad_(False)
+        micro = self.config["train_micro_batch_size_per_gpu"]
+        config = {"train_micro_batch_size_per_gpu": micro, "train_batch_size": micro * dist_info()[2],
+                  "bf16": {"enabled": self.config["bf16"]["enabled"]},
+                  "zero_optimization": {"stage": 3 if self.stage == 3 else 0}}
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine

@@ -128,6 +128,10 @@ class TorchEngine:
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
 
+    def frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """An inference-only copy living beside the trained model (DPO's reference)."""
+        return model.to(next(self.model.parameters()).device).eval().requires_grad_(False)
+
 
 def make_engine(model: torch.nn.Module, cfg: OptimConfig, device: torch.device, deepspeed_config: str | None,
                 micro_batch: int):

@@ -7,20 +7,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from models import build_model, load_config, make_config
 from models.config import ConfigError
 
 from .args import add_model_args, add_train_args, train_args_from
-from .checkpoint import latest_checkpoint
 from .data import PackedDataset, load_token_stream
 from .errors import UserError
-from .tokenizer import ENDOFTEXT, load_tokenizer, special_token_ids
+from .stage import Run, fit_and_summarize
+from .tokenizer import ENDOFTEXT, special_token_ids
 from .trainer import Trainer
 
 
@@ -77,16 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(ns: argparse.Namespace) -> dict:
     targs, optim = train_args_from(ns)
-    out = Path(ns.out)
-    resume_ckpt = latest_checkpoint(out) if ns.resume else None
-    if ns.resume and resume_ckpt is None:
-        raise UserError(f"--resume: no checkpoint in {out}")
-    if not ns.resume and (out / "latest").exists():
-        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    tok_dir = Path(ns.tokenizer) if ns.tokenizer else resume_ckpt
-    if tok_dir is None:
-        raise UserError("--tokenizer DIR is required (train one with `llm-scratch tokenizer`)")
-    tokenizer = load_tokenizer(tok_dir)
+    run_dir = Run(ns.out, ns.resume, ns.tokenizer, init=None)
+    out, resume_ckpt, tok_dir, tokenizer = run_dir.out, run_dir.resume_ckpt, run_dir.tokenizer_dir, run_dir.tokenizer
     eot = special_token_ids(tokenizer)[ENDOFTEXT]
     config = model_config_for(ns, len(tokenizer), resume_ckpt)
 
@@ -110,19 +100,11 @@ def run(ns: argparse.Namespace) -> dict:
     if trainer.is_main:
         print(f"pretrain: {info['parameters'] / 1e6:.2f}M parameters, {info['train_tokens']:,} training tokens "
               f"in {len(train_set)} rows of {ns.seq_len}, device {trainer.device}, out {out}", flush=True)
-    summary = trainer.fit()
-    summary.update(info)
-    if trainer.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
-    return summary
+    return fit_and_summarize(trainer, info)
 
 
 def pretrain_loss(model, batch: dict):
     return model(**batch).loss, {}
-
-
-def _json_default(o):
-    return o.item() if isinstance(o, np.generic) else str(o)
 
 
 if __name__ == "__main__":

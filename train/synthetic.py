@@ -108,17 +108,18 @@ def subtraction_steps(a: int, b: int, forget_borrow: bool = False) -> tuple[list
     da, db = _digits(a, width), _digits(b, width)
     steps, borrow, out = [], 0, []
     for i in range(width):
+        # one small operation per clause: take the borrow, compare, borrow if needed, subtract
         top = da[i] - borrow
-        expr_top = f"{da[i]} - {borrow}" if borrow else f"{da[i]}"
+        parts = [f"{da[i]} - {borrow} = {top}"] if borrow else []
         if top < db[i]:
-            steps.append(f"{PLACE_NAMES[i]}: {expr_top} is less than {db[i]}, borrow 1: "
-                         f"{top + 10} - {db[i]} = {top + 10 - db[i]}")
+            parts.append(f"{top} < {db[i]}, borrow: {top + 10} - {db[i]} = {top + 10 - db[i]}")
             out.append(top + 10 - db[i])
             borrow = 0 if forget_borrow else 1
         else:
-            steps.append(f"{PLACE_NAMES[i]}: {expr_top} - {db[i]} = {top - db[i]}")
+            parts.append(f"{top} - {db[i]} = {top - db[i]}")
             out.append(top - db[i])
             borrow = 0
+        steps.append(f"{PLACE_NAMES[i]}: " + ", ".join(parts))
     result = int("".join(str(d) for d in reversed(out)))
     return steps, result
 
@@ -140,8 +141,12 @@ def arithmetic_problem(a: int, b: int, op: str, wrong: bool = False) -> tuple[st
     return question, reasoning, f"{a} {op} {b} = {value}", value
 
 
+ARITHMETIC_SHARE = 0.75  # of the SFT conversations; the rest are the small chat tasks
+OPERAND_DIGITS = (1, 2, 3, 3, 3, 4)  # mostly 3-digit numbers, some shorter and some longer
+
+
 def _operands(rng: random.Random) -> tuple[int, int, str]:
-    da, db = rng.randint(1, 4), rng.randint(1, 4)
+    da, db = rng.choice(OPERAND_DIGITS), rng.choice(OPERAND_DIGITS)
     a = rng.randint(10 ** (da - 1) if da > 1 else 0, 10**da - 1)
     b = rng.randint(10 ** (db - 1) if db > 1 else 0, 10**db - 1)
     return a, b, rng.choice("+-")
@@ -187,7 +192,7 @@ def assistant_content(reasoning: str, answer: str, think: bool) -> str:
 def sft_example(rng: random.Random) -> tuple[str, dict]:
     """(split key, record). About one record in five is a thinking-off sample."""
     think = rng.random() >= 0.2
-    if rng.random() < 0.75:
+    if rng.random() < ARITHMETIC_SHARE:
         a, b, op = _operands(rng)
         q, reasoning, answer, _ = arithmetic_problem(a, b, op)
         key = f"{a}{op}{b}"

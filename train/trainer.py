@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from models import IGNORE_INDEX
+
 from .checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import BatchOrder, collate
-from .distributed import all_reduce_mean, dist_info
+from .distributed import all_reduce_sum, all_reduce_sum_, dist_info
 from .engine import OptimConfig, make_engine
 from .errors import UserError
 from .metrics import MetricsLog, plot_losses
@@ -58,9 +60,15 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def target_tokens(batch: dict) -> float:
+    """The default weight of a micro-batch: how many tokens it trains on."""
+    return float((batch["targets"] != IGNORE_INDEX).sum())
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, train_set, loss_fn: LossFn, args: TrainArgs, optim: OptimConfig,
-                 *, eval_set=None, collate_fn=collate, tokenizer_dir: Path | None = None,
+                 *, eval_set=None, collate_fn=collate, weight_fn: Callable[[dict], float] = target_tokens,
+                 tokenizer_dir: Path | None = None,
                  run_config: dict | None = None, title: str = "training loss"):
         if args.max_steps < 1:
             raise UserError(f"--max-steps must be at least 1, got {args.max_steps}")
@@ -72,7 +80,7 @@ class Trainer:
         self.device = pick_device(args.device)
         self.out = Path(args.out)
         self.train_set, self.eval_set = train_set, eval_set
-        self.loss_fn, self.collate_fn = loss_fn, collate_fn
+        self.loss_fn, self.collate_fn, self.weight_fn = loss_fn, collate_fn, weight_fn
         self.tokenizer_dir = tokenizer_dir
         self.run_config = run_config or {}
         self.title = title
@@ -118,45 +126,79 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean loss over the first eval_batches global batches of the held-out set, in a fixed order.
-        Each rank takes its slice of every global batch, so the numbers equal a one-process run's."""
+        """Mean loss (weighted like training) over the first eval_batches global batches of the held-out
+        set, in a fixed order. Each rank takes its slice of every global batch, so the numbers equal a
+        one-process run's with the same global batch."""
         if self.eval_set is None or len(self.eval_set) == 0:
             return {}
         self.engine.train(False)
         bs = self.args.batch_size
         global_bs = bs * self.world_size
+        n_rows = min(len(self.eval_set), self.args.eval_batches * global_bs)  # the same rows for any world size
         totals: dict[str, float] = {}
-        n = 0
-        for b in range(min(self.args.eval_batches, max(1, len(self.eval_set) // global_bs))):
-            start = b * global_bs + self.rank * bs
-            rows = [self.eval_set[i % len(self.eval_set)] for i in range(start, start + bs)]
+        n = 0.0
+        for start in range(0, n_rows, global_bs):  # every rank runs every batch (ZeRO-3 needs that)
+            lo = start + self.rank * bs
+            idx = [i for i in range(lo, lo + bs) if i < n_rows]
+            batch = self._to_device(self.collate_fn([self.eval_set[i] for i in idx or [0]]))
             with self._autocast():
-                loss, stats = self.loss_fn(self.engine.module, self._to_device(self.collate_fn(rows)))
+                loss, stats = self.loss_fn(self.engine.module, batch)
+            w = float(self.weight_fn(batch)) if idx else 0.0  # a rank past the end computes but does not count
             for k, v in {"loss": float(loss), **stats}.items():
-                totals[k] = totals.get(k, 0.0) + v
-            n += 1
+                totals[k] = totals.get(k, 0.0) + v * w
+            n += w
         self.engine.train(True)
-        out = all_reduce_mean({f"eval_{k}": v / n for k, v in totals.items()}, self.device)
+        totals = all_reduce_sum({**totals, "_weight": n}, self.device)
+        n = max(totals.pop("_weight"), 1e-12)
+        out = {f"eval_{k}": v / n for k, v in totals.items()}
         out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
         return out
 
+    @torch.no_grad()
+    def map_rows(self, dataset, fn: Callable[[torch.nn.Module, dict], torch.Tensor], width: int):
+        """fn(module, batch) -> [rows, width] for every row of `dataset`, in eval mode, with the model as
+        it is now; rows are shared out across ranks (every rank runs the same number of batches, as
+        ZeRO-3 requires) and the results gathered. Returns a float64 numpy array [len(dataset), width]."""
+        n, bs = len(dataset), self.args.batch_size
+        out = torch.zeros(n, width, dtype=torch.float64, device=self.device)
+        self.engine.train(False)
+        for start in range(0, n, bs * self.world_size):
+            idx = [start + self.rank * bs + j for j in range(bs)]
+            batch = self._to_device(self.collate_fn([dataset[i % n] for i in idx]))
+            with self._autocast():
+                values = fn(self.engine.module, batch).to(torch.float64)
+            for j, i in enumerate(idx):
+                if i < n:
+                    out[i] = values[j]
+        self.engine.train(True)
+        return all_reduce_sum_(out).cpu().numpy()
+
     def train_step(self) -> dict:
-        stats_sum: dict[str, float] = {}
+        """One optimizer step over grad_accum micro-batches on every rank.
+
+        Each micro-batch's mean loss is scaled by its share of the step's items (target tokens by
+        default; `weight_fn`), counted over every micro-batch of every rank, so the gradient is that of
+        the mean over the whole global batch, however the items fall between ranks and micro-batches
+        (engines divide by world size and accumulation steps; the scale undoes that)."""
+        accum, world = self.args.grad_accum, self.world_size
+        batches = [self._next_batch() for _ in range(accum)]
+        weights = [float(self.weight_fn(b)) for b in batches]
+        total = max(all_reduce_sum({"w": sum(weights)}, self.device)["w"], 1e-12)
+        sums: dict[str, float] = {}
         tokens = 0
-        for _ in range(self.args.grad_accum):
-            batch = self._next_batch()
+        for batch, w in zip(batches, weights):
             with self._autocast():
                 loss, stats = self.loss_fn(self.engine.module, batch)
-            self.engine.backward(loss)
+            self.engine.backward(loss * (w * world * accum / total))
             for k, v in {"loss": float(loss.detach()), **stats}.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + v / self.args.grad_accum
+                sums[k] = sums.get(k, 0.0) + v * w
             tokens += int(batch["input_ids"].numel())
         lr = self.engine.lr
         grad_norm = self.engine.step()
         self.step += 1
-        self.tokens_seen += tokens * self.world_size
-        stats_sum = all_reduce_mean(stats_sum, self.device)  # the global batch's mean, as one process sees it
-        return {**stats_sum, "lr": lr, "grad_norm": grad_norm, "tokens": tokens * self.world_size}
+        self.tokens_seen += tokens * world
+        means = {k: v / total for k, v in all_reduce_sum(sums, self.device).items()}
+        return {**means, "lr": lr, "grad_norm": grad_norm, "tokens": tokens * world}
 
     # ------------------------------------------------------------------ the loop
 

@@ -1,0 +1,104 @@
+"""SFT loss masks pinned token by token, packing, truncation."""
+
+import torch
+
+from models import IGNORE_INDEX
+from train.chat_data import PackedSFTDataset, SFTDataset, build_sft_examples, encode_with_mask, pad_collate
+
+THINK = [{"role": "user", "content": "What is 2 + 3?"},
+         {"role": "assistant", "content": "<think>\nAdd the ones.\n</think>\n\n2 + 3 = 5"}]
+NO_THINK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "<think>\n\n</think>\n\nHello!"}]
+
+
+def _split(tokenizer, conv):
+    text = tokenizer.apply_chat_template(conv, tokenize=False)
+    ids, mask = encode_with_mask(tokenizer, text)
+    return ids, mask
+
+
+def _decode_runs(tokenizer, ids, mask):
+    """The trained and untrained stretches, in order, as text."""
+    runs, cur, cur_m = [], [], None
+    for i, m in zip(ids, mask):
+        if cur and m != cur_m:
+            runs.append((cur_m, tokenizer.decode(cur)))
+            cur = []
+        cur.append(i)
+        cur_m = m
+    runs.append((cur_m, tokenizer.decode(cur)))
+    return runs
+
+
+def test_mask_boundary_with_thinking(tokenizer):
+    ids, mask = _split(tokenizer, THINK)
+    assert _decode_runs(tokenizer, ids, mask) == [
+        (False, "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"),
+        (True, "<think>\nAdd the ones.\n</think>\n\n2 + 3 = 5<|im_end|>"),
+        (False, "\n"),
+    ]
+    first = mask.index(True)
+    assert tokenizer.convert_ids_to_tokens(ids[first]) == "<think>"  # the first trained token
+    assert tokenizer.convert_ids_to_tokens(ids[first - 1]) == "Ċ"  # the newline after "assistant"
+    last = len(mask) - 1 - mask[::-1].index(True)
+    assert ids[last] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_mask_boundary_without_thinking_and_system(tokenizer):
+    ids, mask = _split(tokenizer, NO_THINK)
+    assert _decode_runs(tokenizer, ids, mask) == [
+        (False, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+                "<|im_start|>assistant\n"),
+        (True, "<think>\n\n</think>\n\nHello!<|im_end|>"),
+        (False, "\n"),
+    ]
+
+
+def test_multi_turn_trains_every_assistant_turn(tokenizer):
+    conv = THINK + [{"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "8"}]
+    ids, mask = _split(tokenizer, conv)
+    trained = [text for m, text in _decode_runs(tokenizer, ids, mask) if m]
+    # the first turn is rendered without its reasoning (it is not the last turn any more)
+    assert trained == ["2 + 3 = 5<|im_end|>", "<think>\n\n</think>\n\n8<|im_end|>"]
+
+
+def test_targets_are_the_next_trained_token(tokenizer):
+    examples, dropped = build_sft_examples(tokenizer, [THINK], max_len=512)
+    row = SFTDataset(examples)[0]
+    ids, mask = examples[0].ids, examples[0].trained
+    assert dropped == 0 and torch.equal(row["input_ids"], torch.tensor(ids[:-1], dtype=torch.long))
+    for t in range(len(ids) - 1):
+        assert row["targets"][t].item() == (ids[t + 1] if mask[t + 1] else IGNORE_INDEX)
+
+
+def test_padding_is_never_a_target(tokenizer):
+    examples, _ = build_sft_examples(tokenizer, [THINK, NO_THINK], max_len=512)
+    ds = SFTDataset(examples)
+    batch = pad_collate(6)([ds[0], ds[1]])
+    short = min(len(ds[0]["input_ids"]), len(ds[1]["input_ids"]))
+    i = 0 if len(ds[0]["input_ids"]) == short else 1
+    assert (batch["input_ids"][i, short:] == 6).all() and (batch["targets"][i, short:] == IGNORE_INDEX).all()
+
+
+def test_packing_keeps_conversations_apart(tokenizer):
+    examples, _ = build_sft_examples(tokenizer, [THINK, NO_THINK], max_len=512)
+    n0, n1 = len(examples[0].ids), len(examples[1].ids)
+    ds = PackedSFTDataset(examples, seq_len=n0 + n1 + 9, pad_id=6)
+    assert len(ds) == 1
+    row = ds[0]
+    seg, pos, tgt = row["segment_ids"], row["position_ids"], row["targets"]
+    assert seg[:n0].eq(0).all() and seg[n0 : n0 + n1].eq(1).all() and seg[n0 + n1:].eq(2).all()
+    assert pos[n0].item() == 0 and pos[n0 + n1 - 1].item() == n1 - 1
+    assert tgt[n0 - 1].item() == IGNORE_INDEX  # conversation 0's last token does not predict conversation 1
+    assert tgt[n0 + n1 - 1:].eq(IGNORE_INDEX).all()  # nor does anything predict padding
+    single = SFTDataset(examples)
+    assert torch.equal(tgt[: n0 - 1], single[0]["targets"])
+    assert torch.equal(tgt[n0 : n0 + n1 - 1], single[1]["targets"])
+
+
+def test_truncation_keeps_the_start_and_drops_unlearnable(tokenizer):
+    long_answer = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 200}]
+    long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "a"}]
+    examples, dropped = build_sft_examples(tokenizer, [long_answer, long_prompt, THINK], max_len=64)
+    assert dropped == 1 and len(examples) == 2
+    assert len(examples[0].ids) == 65 and examples[0].trained[-1]

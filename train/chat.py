@@ -1,0 +1,132 @@
+"""`llm-scratch chat`: talk to a model, with its reasoning shown apart from its answer.
+
+    llm-scratch chat --checkpoint DIR                    interactive, history kept (/reset, /exit)
+    llm-scratch chat --checkpoint DIR --prompt "What is 12 + 30?" --temperature 0
+    llm-scratch chat --checkpoint DIR --no-think ...     the template's empty think block: answer directly
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from models import load_pretrained
+from models.generate import generate
+from models.think import ThinkParser
+
+from .errors import UserError
+from .sampling import check_vocab, tokenizer_dir_for
+from .tokenizer import ENDOFTEXT, IM_END, PAD, load_tokenizer
+
+DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
+
+
+class TextStream:
+    """Incremental detokenization: the text each new token adds (held back while a UTF-8 character
+    is still incomplete)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.text = text[len(self.text):], text
+        return new
+
+
+class Display:
+    """Prints reasoning dimmed under a 'thinking' heading and the answer apart (plain text off a tty)."""
+
+    def __init__(self, out=sys.stdout):
+        self.out, self.kind = out, None
+        self.color = hasattr(out, "isatty") and out.isatty()
+
+    def piece(self, kind: str, text: str) -> None:
+        if kind != self.kind:
+            if self.kind is not None:
+                self.out.write(RESET if self.color else "")
+                self.out.write("\n\n")
+            heading = "thinking" if kind == "reasoning" else "answer"
+            self.out.write(f"{BOLD}{heading}{RESET}\n" if self.color else f"[{heading}]\n")
+            if kind == "reasoning" and self.color:
+                self.out.write(DIM)
+            self.kind = kind
+        self.out.write(text)
+        self.out.flush()
+
+    def end(self) -> None:
+        self.out.write((RESET if self.color else "") + "\n")
+        self.out.flush()
+
+
+class ChatSession:
+    def __init__(self, checkpoint, think: bool = True, system: str | None = None, **sampling):
+        self.model = load_pretrained(checkpoint).eval()
+        self.tokenizer = load_tokenizer(tokenizer_dir_for(checkpoint))
+        check_vocab(self.tokenizer, self.model, checkpoint)
+        self.seed = sampling.pop("seed", 0)
+        self.think, self.sampling = think, sampling
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.stop = [self.tokenizer.convert_tokens_to_ids(t) for t in (IM_END, ENDOFTEXT)]
+        self.pad = self.tokenizer.convert_tokens_to_ids(PAD)
+
+    def reply(self, user_text: str, display: Display | None = None) -> tuple[str, str]:
+        """(reasoning, answer) for the next user turn; the turn and the reply join the history."""
+        self.messages.append({"role": "user", "content": user_text})
+        prompt = self.tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True,
+                                                    enable_thinking=self.think)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        limit = self.model.config.max_position_embeddings
+        if len(ids) >= limit:
+            self.messages.pop()
+            raise UserError(f"the conversation is {len(ids)} tokens, the model's context is {limit}; /reset")
+        parser, stream = ThinkParser(), TextStream(self.tokenizer)
+
+        def on_token(_i: int, tok: int) -> None:
+            if tok in self.stop:
+                return
+            for kind, text in parser.feed(stream.add(tok)):
+                if display:
+                    display.piece(kind, text)
+
+        generate(self.model, [ids], stop_ids=self.stop, pad_id=self.pad, on_token=on_token,
+                 generator=torch.Generator().manual_seed(self.seed), **self.sampling)
+        for kind, text in parser.finish():
+            if display:
+                display.piece(kind, text)
+        if display:
+            display.end()
+        self.messages.append({"role": "assistant", "content": parser.answer, "reasoning_content": parser.reasoning})
+        return parser.reasoning, parser.answer
+
+    def reset(self) -> None:
+        self.messages = [m for m in self.messages if m["role"] == "system"]
+
+
+def run_chat(ns) -> None:
+    session = ChatSession(ns.checkpoint, think=ns.think, system=ns.system, max_new_tokens=ns.max_new_tokens,
+                          temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
+                          repetition_penalty=ns.repetition_penalty, seed=ns.seed)
+    display = Display()
+    if ns.prompt is not None:
+        session.reply(ns.prompt, display)
+        return
+    print("chat: type a message; /reset clears the history, /exit (or Ctrl-D) leaves.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            session.reset()
+            print("(history cleared)")
+            continue
+        if line:
+            session.reply(line, display)

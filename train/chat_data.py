@@ -1,0 +1,226 @@
+"""Chat data for SFT and DPO: conversations rendered with the tokenizer's chat template, token by token
+loss masks, padding and packing.
+
+Loss mask (SFT): a token is trained on when it belongs to an assistant turn's content, i.e. it starts
+after that turn's "<|im_start|>assistant\\n" and ends at (and includes) its "<|im_end|>": the <think>
+block, the answer and <|im_end|>. System and user turns, the role headers, the "\\n" after
+<|im_end|> and padding are never trained on. Every assistant turn of a multi-turn conversation is
+trained, rendered as the template renders the whole conversation (earlier turns without their
+reasoning, the last with it).
+
+Truncation policy: a conversation longer than the row length keeps its beginning; one whose first
+assistant token falls beyond the limit has nothing to learn from and is dropped, and the number
+dropped is reported.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models import IGNORE_INDEX
+
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
+END = "<|im_end|>"
+
+
+def assistant_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans [start, end) of each assistant turn's content, <|im_end|> included."""
+    spans, pos = [], 0
+    while True:
+        i = text.find(ASSISTANT_HEADER, pos)
+        if i < 0:
+            return spans
+        start = i + len(ASSISTANT_HEADER)
+        j = text.find(END, start)
+        end = len(text) if j < 0 else j + len(END)
+        spans.append((start, end))
+        pos = end
+
+
+def encode_with_mask(tokenizer, text: str) -> tuple[list[int], list[bool]]:
+    """Token ids of `text` and, per token, whether it lies in an assistant span (by its first char)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = assistant_spans(text)
+    starts = [s for s, _ in spans]
+    mask = []
+    for a, _b in enc["offset_mapping"]:
+        k = bisect.bisect_right(starts, a) - 1
+        mask.append(k >= 0 and a < spans[k][1])
+    return enc["input_ids"], mask
+
+
+def render_conversation(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+@dataclass
+class SFTExample:
+    ids: np.ndarray  # int32 tokens
+    trained: np.ndarray  # bool, per token: in the loss
+
+
+def build_sft_examples(tokenizer, conversations: list[list[dict]], max_len: int) -> tuple[list[SFTExample], int]:
+    """(examples, number dropped because no assistant token fits in max_len + 1 tokens)."""
+    out, dropped = [], 0
+    for conv in conversations:
+        ids, mask = encode_with_mask(tokenizer, render_conversation(tokenizer, conv))
+        ids, mask = ids[: max_len + 1], mask[: max_len + 1]
+        if not any(mask[1:]):
+            dropped += 1
+            continue
+        out.append(SFTExample(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)))
+    return out, dropped
+
+
+def _row(ids: np.ndarray, trained: np.ndarray) -> dict[str, torch.Tensor]:
+    """Inputs are ids[:-1]; the target at t is ids[t+1] when that token is trained on."""
+    x = torch.from_numpy(ids[:-1].astype(np.int64))
+    y = torch.from_numpy(ids[1:].astype(np.int64))
+    y[~torch.from_numpy(trained[1:])] = IGNORE_INDEX
+    return {"input_ids": x, "targets": y}
+
+
+class SFTDataset:
+    """One conversation per row (padded per batch by `pad_collate`)."""
+
+    def __init__(self, examples: list[SFTExample]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        e = self.examples[i]
+        return _row(e.ids, e.trained)
+
+
+class PackedSFTDataset:
+    """Conversations packed greedily (in order) into rows of seq_len + 1 tokens; segment ids keep
+    them from attending to each other and positions restart for each. Padding fills the rest."""
+
+    def __init__(self, examples: list[SFTExample], seq_len: int, pad_id: int):
+        self.rows: list[list[SFTExample]] = []
+        current, used = [], 0
+        for e in examples:
+            if current and used + len(e.ids) > seq_len + 1:
+                self.rows.append(current)
+                current, used = [], 0
+            current.append(e)
+            used += len(e.ids)
+        if current:
+            self.rows.append(current)
+        self.seq_len, self.pad_id = seq_len, pad_id
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        n = self.seq_len + 1
+        ids = np.full(n, self.pad_id, dtype=np.int32)
+        trained = np.zeros(n, dtype=bool)
+        seg = np.full(n, len(self.rows[i]), dtype=np.int64)  # padding: a segment of its own
+        pos = np.zeros(n, dtype=np.int64)
+        at = 0
+        for k, e in enumerate(self.rows[i]):
+            m = len(e.ids)
+            ids[at : at + m], trained[at : at + m] = e.ids, e.trained
+            # a conversation's first token is never the target of the previous conversation's last one
+            trained[at] = False
+            seg[at : at + m], pos[at : at + m] = k, np.arange(m)
+            at += m
+        pos[at:] = np.arange(n - at)
+        row = _row(ids, trained)
+        row["segment_ids"] = torch.from_numpy(seg[:-1])
+        row["position_ids"] = torch.from_numpy(pos[:-1])
+        return row
+
+
+def pad_collate(pad_id: int):
+    """Right-pad a batch to its longest row: padded inputs are pad_id, padded targets are ignored.
+    With right padding no real token ever sees a pad token (causal attention), so no mask is needed."""
+
+    def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        out: dict[str, torch.Tensor] = {}
+        for key, fill in (("input_ids", pad_id), ("targets", IGNORE_INDEX), ("segment_ids", -1), ("position_ids", 0)):
+            if key not in rows[0]:
+                continue
+            t = torch.full((len(rows), width), fill, dtype=torch.long)
+            for i, r in enumerate(rows):
+                t[i, : len(r[key])] = r[key]
+            out[key] = t
+        return out
+
+    return collate
+
+
+# ---------------------------------------------------------------- DPO pairs
+
+@dataclass
+class DPOExample:
+    prompt: np.ndarray  # int32 tokens of the rendered prompt, generation header included
+    chosen: np.ndarray  # completion tokens, <|im_end|> included
+    rejected: np.ndarray
+
+
+def build_dpo_examples(tokenizer, pairs: list[dict], max_len: int) -> tuple[list[DPOExample], int]:
+    """Prompt rendered with the generation prompt (thinking on: the completion carries its own
+    <think> block), completions followed by <|im_end|>. Truncation keeps the prompt and cuts the
+    completion's end; a pair whose prompt leaves no room for a completion token is dropped."""
+    out, dropped = [], 0
+    for pair in pairs:
+        prompt = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=False)
+        p = tokenizer.encode(prompt, add_special_tokens=False)
+        room = max_len + 1 - len(p)
+        if room < 1:
+            dropped += 1
+            continue
+        c = tokenizer.encode(pair["chosen"] + END, add_special_tokens=False)[:room]
+        r = tokenizer.encode(pair["rejected"] + END, add_special_tokens=False)[:room]
+        out.append(DPOExample(*(np.asarray(x, dtype=np.int32) for x in (p, c, r))))
+    return out, dropped
+
+
+class DPODataset:
+    """Rows hold both sequences of a pair; targets cover the completion only. `ref` (filled by the
+    DPO stage when reference log-probs are precomputed) is an [N, 2] array of (chosen, rejected)."""
+
+    def __init__(self, examples: list[DPOExample]):
+        self.examples = examples
+        self.ref: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        e = self.examples[i]
+        row: dict[str, torch.Tensor] = {"index": torch.tensor(i)}
+        for name, completion in (("chosen", e.chosen), ("rejected", e.rejected)):
+            ids = np.concatenate([e.prompt, completion])
+            trained = np.zeros(len(ids), dtype=bool)
+            trained[len(e.prompt):] = True
+            r = _row(ids, trained)
+            row[f"{name}_input_ids"], row[f"{name}_targets"] = r["input_ids"], r["targets"]
+        if self.ref is not None:
+            row["ref_logps"] = torch.from_numpy(self.ref[i])
+        return row
+
+
+def dpo_collate(pad_id: int):
+    """Chosen rows then rejected rows in one right-padded batch [2B, T]."""
+    pad = pad_collate(pad_id)
+
+    def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        seqs = [{"input_ids": r[f"{k}_input_ids"], "targets": r[f"{k}_targets"]}
+                for k in ("chosen", "rejected") for r in rows]
+        batch = pad(seqs)
+        batch["index"] = torch.stack([r["index"] for r in rows])
+        if "ref_logps" in rows[0]:
+            batch["ref_logps"] = torch.stack([r["ref_logps"] for r in rows])
+        return batch
+
+    return collate

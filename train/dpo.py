@@ -1,0 +1,144 @@
+"""Direct preference optimization with a hand-written loss (train/losses.py).
+
+    llm-scratch dpo --init SFT_RUN --data dpo.jsonl --out DIR [--beta 0.1] [--loss sigmoid|ipo]
+    python -m train.dpo ... ; deepspeed --module train.dpo --deepspeed ds_configs/zero3.json ...
+
+The reference model is the starting policy, frozen. Two ways to use it, with the same loss:
+- `--reference precompute` (default): before training, one pass of the starting policy over every
+  pair stores the reference log-probs (OUT/reference_logps.pt, reused on --resume); no second model
+  is kept in memory.
+- `--reference model`: a frozen copy computes them batch by batch (under ZeRO-3 the copy is a
+  partitioned inference engine, so no rank holds all of it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+from models.io import atomic_write
+
+from .args import add_train_args, train_args_from
+from .chat_data import DPODataset, build_dpo_examples, dpo_collate
+from .data import load_dpo
+from .errors import UserError
+from .losses import LOSS_TYPES, dpo_loss, sequence_logps
+from .stage import Run, add_finetune_data_args, fit_and_summarize, split_held_out
+from .tokenizer import PAD
+from .trainer import Trainer
+
+REF_FILE = "reference_logps.pt"
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="python -m train.dpo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_finetune_data_args(p, "DPO ({'prompt', 'chosen', 'rejected'})")
+    g = p.add_argument_group("DPO")
+    g.add_argument("--beta", type=float, default=0.1)
+    g.add_argument("--loss", choices=LOSS_TYPES, default="sigmoid")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO epsilon (sigmoid loss)")
+    g.add_argument("--average-logps", action="store_true", help="length-average the log-probs instead of summing")
+    g.add_argument("--reference", choices=["precompute", "model"], default="precompute")
+    add_train_args(p, steps=200, lr=5e-5, batch_size=16)
+    p.set_defaults(warmup_steps=10, weight_decay=0.0)
+    return p
+
+
+def pair_logps(module, batch: dict, average: bool) -> torch.Tensor:
+    """[pairs, 2] log-probs of (chosen, rejected) completions."""
+    logps = sequence_logps(module(batch["input_ids"]).logits, batch["targets"], average)
+    half = logps.shape[0] // 2
+    return torch.stack([logps[:half], logps[half:]], dim=1)
+
+
+class DPOObjective:
+    """The trainer's loss function for DPO: policy log-probs against the reference's."""
+
+    def __init__(self, beta: float, loss_type: str, label_smoothing: float, average: bool, reference=None):
+        if not 0 <= label_smoothing < 0.5:
+            raise UserError(f"--label-smoothing must be in [0, 0.5), got {label_smoothing}")
+        if beta <= 0:
+            raise UserError(f"--beta must be positive, got {beta}")
+        self.beta, self.loss_type, self.eps, self.average = beta, loss_type, label_smoothing, average
+        self.reference = reference
+
+    def __call__(self, module, batch: dict):
+        pi = pair_logps(module, batch, self.average)
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"].to(pi.dtype)
+        else:
+            with torch.no_grad():
+                ref = pair_logps(self.reference, batch, self.average)
+        return dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], self.beta, self.loss_type, self.eps)
+
+
+def run(ns: argparse.Namespace) -> dict:
+    targs, optim = train_args_from(ns)
+    run_dir = Run(ns.out, ns.resume, ns.tokenizer, ns.init)
+    tok = run_dir.tokenizer
+    model = run_dir.starting_model(ns.seed, ns.kernels)
+    pairs = [p for path in ns.data for p in load_dpo(path)]
+    if ns.eval_data:
+        eval_pairs = [p for path in ns.eval_data for p in load_dpo(path)]
+    else:
+        pairs, eval_pairs = split_held_out(pairs, ns.eval_fraction if ns.eval_every else 0)
+    train_ex, dropped = build_dpo_examples(tok, pairs, ns.seq_len)
+    eval_ex, eval_dropped = build_dpo_examples(tok, eval_pairs, ns.seq_len)
+    train_set, eval_set = DPODataset(train_ex), (DPODataset(eval_ex) if eval_ex else None)
+    reference_copy = copy.deepcopy(model) if ns.reference == "model" and run_dir.resume_ckpt is None else None
+    if ns.reference == "model" and run_dir.resume_ckpt is not None:
+        raise UserError("--resume with --reference model: the starting policy is gone; use --reference precompute")
+    objective = DPOObjective(ns.beta, ns.loss, ns.label_smoothing, ns.average_logps)
+    info = {"stage": "dpo", "init": ns.init, "pairs": len(train_ex), "held_out_pairs": len(eval_ex),
+            "dropped_too_long": dropped + eval_dropped, "beta": ns.beta, "loss": ns.loss, "reference": ns.reference}
+    trainer = Trainer(model, train_set, objective, targs, optim, eval_set=eval_set,
+                      collate_fn=dpo_collate(tok.convert_tokens_to_ids(PAD)),
+                      weight_fn=lambda batch: float(len(batch["index"])),  # the loss is a mean over pairs
+                      tokenizer_dir=run_dir.tokenizer_dir,
+                      run_config={"run": info}, title="dpo")
+    if ns.reference == "model":
+        objective.reference = trainer.engine.frozen(reference_copy)
+    else:
+        _attach_reference_logps(trainer, run_dir, train_set, eval_set, ns.average_logps)
+    if trainer.is_main:
+        print(f"dpo: {len(train_ex)} pairs, {len(eval_ex)} held out, {info['dropped_too_long']} dropped as longer "
+              f"than --seq-len {ns.seq_len}; beta {ns.beta}, {ns.loss} loss, reference by {ns.reference}; "
+              f"device {trainer.device}, out {ns.out}", flush=True)
+    return fit_and_summarize(trainer, info)
+
+
+def _attach_reference_logps(trainer: Trainer, run_dir: Run, train_set, eval_set, average: bool) -> None:
+    """Reference log-probs from the starting policy, computed once and stored in the run directory."""
+    path = run_dir.out / REF_FILE
+    if run_dir.resume_ckpt is not None:
+        if not path.exists():
+            raise UserError(f"--resume: {path} is missing; the reference log-probs cannot be recomputed "
+                            "from a trained policy")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        fn = lambda module, batch: pair_logps(module, batch, average)
+        saved = {"train": torch.from_numpy(trainer.map_rows(train_set, fn, 2))}
+        if eval_set is not None:
+            saved["eval"] = torch.from_numpy(trainer.map_rows(eval_set, fn, 2))
+        if trainer.is_main:
+            run_dir.out.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: torch.save(saved, tmp))
+    for name, ds in (("train", train_set), ("eval", eval_set)):
+        if ds is None:
+            continue
+        if name not in saved or len(saved[name]) != len(ds):
+            raise UserError(f"{path}: stored for other data ({name} split); resume with the same data")
+        ds.ref = saved[name].numpy()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    from .cli import run_guarded
+
+    run_guarded(main)

@@ -1,0 +1,68 @@
+"""Supervised fine-tuning on conversations, with the loss on assistant tokens only.
+
+    llm-scratch sft --init RUN_OR_CHECKPOINT_OR_HF_DIR --data sft.jsonl --out DIR [--pack]
+    python -m train.sft ... ; deepspeed --module train.sft --deepspeed ds_configs/zero2.json ...
+
+See train/chat_data.py for the loss mask and the truncation policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .args import add_train_args, train_args_from
+from .chat_data import PackedSFTDataset, SFTDataset, build_sft_examples, pad_collate
+from .data import load_sft
+from .errors import UserError
+from .losses import lm_loss
+from .stage import Run, add_finetune_data_args, fit_and_summarize, split_held_out
+from .tokenizer import PAD
+from .trainer import Trainer
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="python -m train.sft", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_finetune_data_args(p, "SFT ({'messages': [...]})")
+    p.add_argument("--pack", action="store_true", help="pack several conversations per row (kept apart by masks)")
+    add_train_args(p, steps=500, lr=1e-3, batch_size=16)
+    return p
+
+
+def run(ns: argparse.Namespace) -> dict:
+    targs, optim = train_args_from(ns)
+    run_dir = Run(ns.out, ns.resume, ns.tokenizer, ns.init)
+    tok = run_dir.tokenizer
+    model = run_dir.starting_model(ns.seed, ns.kernels)
+    if ns.seq_len > model.config.max_position_embeddings:
+        raise UserError(f"--seq-len {ns.seq_len} is longer than the model's context "
+                        f"(max_position_embeddings={model.config.max_position_embeddings})")
+    convs = [c for path in ns.data for c in load_sft(path)]
+    if ns.eval_data:
+        eval_convs = [c for path in ns.eval_data for c in load_sft(path)]
+    else:
+        convs, eval_convs = split_held_out(convs, ns.eval_fraction if ns.eval_every else 0)
+    train_ex, dropped = build_sft_examples(tok, convs, ns.seq_len)
+    eval_ex, eval_dropped = build_sft_examples(tok, eval_convs, ns.seq_len)
+    pad = tok.convert_tokens_to_ids(PAD)
+    make = (lambda ex: PackedSFTDataset(ex, ns.seq_len, pad)) if ns.pack else SFTDataset
+    train_set, eval_set = make(train_ex), (make(eval_ex) if eval_ex else None)
+    info = {"stage": "sft", "init": ns.init, "conversations": len(train_ex), "dropped_too_long": dropped + eval_dropped,
+            "rows": len(train_set), "trained_tokens": int(sum(e.trained[1:].sum() for e in train_ex))}
+    trainer = Trainer(model, train_set, lm_loss, targs, optim, eval_set=eval_set, collate_fn=pad_collate(pad),
+                      tokenizer_dir=run_dir.tokenizer_dir, run_config={"run": info}, title="sft")
+    if trainer.is_main:
+        print(f"sft: {len(train_ex)} conversations ({info['trained_tokens']:,} assistant tokens) in "
+              f"{len(train_set)} rows, {len(eval_ex)} held out; {info['dropped_too_long']} dropped as longer "
+              f"than --seq-len {ns.seq_len}; device {trainer.device}, out {ns.out}", flush=True)
+    return fit_and_summarize(trainer, info)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    from .cli import run_guarded
+
+    run_guarded(main)

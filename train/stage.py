@@ -1,0 +1,85 @@
+"""What the training stages share: the run directory rules, the tokenizer, the starting model, and
+the held-out split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from models import CheckpointError, build_model, load_config, load_pretrained
+
+from .checkpoint import latest_checkpoint
+from .errors import UserError
+from .sampling import check_vocab, tokenizer_dir_for
+from .tokenizer import load_tokenizer
+
+
+def add_finetune_data_args(p: argparse.ArgumentParser, what: str) -> None:
+    d = p.add_argument_group("data")
+    d.add_argument("--init", metavar="DIR", help="starting model: our checkpoint or run dir, or a transformers dir")
+    d.add_argument("--data", nargs="+", required=True, metavar="FILE", help=f"{what} .jsonl files")
+    d.add_argument("--eval-data", nargs="+", metavar="FILE", help="held-out files (default: a slice of --data)")
+    d.add_argument("--eval-fraction", type=float, default=0.02, help="records held out when no --eval-data")
+    d.add_argument("--tokenizer", metavar="DIR", help="default: the --init checkpoint's tokenizer")
+    d.add_argument("--seq-len", type=int, default=512, help="longest row in tokens (see the truncation policy)")
+    d.add_argument("--kernels", choices=["auto", "triton", "torch"], help="kernel backend for this run")
+
+
+class Run:
+    """The run directory, the checkpoint to resume from, and the tokenizer."""
+
+    def __init__(self, out: str, resume: bool, tokenizer: str | None, init: str | None):
+        self.out = Path(out)
+        self.resume_ckpt = latest_checkpoint(self.out) if resume else None
+        if resume and self.resume_ckpt is None:
+            raise UserError(f"--resume: no checkpoint in {self.out}")
+        if not resume and (self.out / "latest").exists():
+            raise UserError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        self.init = init
+        if tokenizer:
+            self.tokenizer_dir = Path(tokenizer)
+        elif self.resume_ckpt is not None:
+            self.tokenizer_dir = self.resume_ckpt
+        elif init:
+            try:
+                self.tokenizer_dir = tokenizer_dir_for(init)
+            except CheckpointError as e:
+                raise UserError(f"--init: {e}") from None
+        else:
+            raise UserError("--tokenizer DIR is required (train one with `llm-scratch tokenizer`)")
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+
+    def starting_model(self, seed: int, kernels: str | None) -> torch.nn.Module:
+        """On resume: the architecture of the checkpoint (its weights are loaded by the trainer);
+        otherwise the --init model with its weights."""
+        torch.manual_seed(seed)
+        if self.resume_ckpt is not None:
+            model = build_model(load_config(self.resume_ckpt / "model_config.json"))
+        elif self.init:
+            try:
+                model = load_pretrained(self.init)
+            except CheckpointError as e:
+                raise UserError(f"--init: {e}") from None
+        else:
+            raise UserError("--init DIR is required: the model this stage starts from")
+        if kernels:
+            model.config.kernel_backend = kernels
+        check_vocab(self.tokenizer, model, self.init or self.resume_ckpt)
+        return model
+
+
+def fit_and_summarize(trainer, info: dict) -> dict:
+    """Train, then write OUT/summary.json (rank 0) with the run's figures and the stage's info."""
+    summary = {**trainer.fit(), **info}
+    if trainer.is_main:
+        (trainer.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def split_held_out(records: list, fraction: float) -> tuple[list, list]:
+    """The last `fraction` of the records (at least one when there are two or more) are held out."""
+    n_eval = max(1, int(len(records) * fraction)) if len(records) > 1 and fraction > 0 else 0
+    return records[: len(records) - n_eval], records[len(records) - n_eval:]
