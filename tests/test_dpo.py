@@ -92,3 +92,21 @@ def test_dpo_moves_and_resumes_exactly_from_stored_reference(sft_model_dir, synt
     assert sum(r["loss"] for r in train[-10:]) / 10 < math.log(2) - 0.05
     assert sum(r["margin"] for r in train[-10:]) / 10 > 0.1
     assert s["eval_after"]["eval_loss"] < math.log(2) - 0.1
+
+
+def test_rpo_term_by_hand(monkeypatch):
+    import train.dpo as dpo_mod
+    from train.dpo import DPOObjective
+
+    # two pairs: chosen rows first; targets mark 2 and 3 completion tokens of the chosen rows
+    targets = torch.tensor([[5, 6, IGNORE_INDEX], [5, 6, 7], [5, IGNORE_INDEX, IGNORE_INDEX], [5, 6, 7]])
+    obj = DPOObjective(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, average=False, sft_weight=0.5)
+    pi = torch.tensor([[-4.0, -9.0], [-6.0, -3.0]], dtype=torch.float64)
+    ref = torch.tensor([[-5.0, -8.0], [-6.0, -4.0]], dtype=torch.float64)
+    monkeypatch.setattr(dpo_mod, "pair_logps", lambda module, batch, average: pi)
+    loss, stats = obj(None, {"targets": targets, "ref_logps": ref})
+    d = torch.tensor([(-4 + 5) - (-9 + 8), (-6 + 6) - (-3 + 4)], dtype=torch.float64)
+    dpo = torch.nn.functional.softplus(-0.1 * d).mean().item()
+    nll = (4.0 / 2 + 6.0 / 3) / 2  # per-token NLL of each chosen completion, averaged over pairs
+    assert stats["chosen_nll"] == pytest.approx(nll)
+    assert loss.item() == pytest.approx(dpo + 0.5 * nll, abs=1e-12)

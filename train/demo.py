@@ -120,13 +120,14 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     print(f"  held-out exact match: addition {_arith(acc['sft'], 'addition')}, "
           f"subtraction {_arith(acc['sft'], 'subtraction')}")
 
-    _say(5, total, f"DPO: correct vs plausible wrong reasoning, beta 0.1, {cfg['dpo_steps']} steps")
+    _say(5, total, f"DPO: correct vs plausible wrong reasoning, beta 0.1, RPO weight 5, {cfg['dpo_steps']} steps")
     t0 = time.perf_counter()
     s = cfg["dpo_steps"]
     dpo = _stage(["dpo", "--init", str(out / "sft"), "--data", str(paths["dpo_train"]),
                   "--eval-data", str(paths["dpo_eval"]), "--out", str(out / "dpo"), "--seq-len", "256",
                   "--batch-size", "16", "--max-steps", str(s), "--eval-every", str(s), "--eval-batches", "16",
-                  "--save-every", str(s), "--warmup-steps", str(max(1, s // 10)), "--lr", "2e-5"])
+                  "--save-every", str(s), "--warmup-steps", str(max(1, s // 10)), "--lr", "3e-5",
+                  "--sft-weight", "5"])
     secs["dpo"] = time.perf_counter() - t0
     before, after = dpo["eval_before"], dpo["eval_after"]
     print(f"  held-out pairs: loss {before['eval_loss']:.3f} -> {after['eval_loss']:.3f}, reward accuracy "

@@ -9,6 +9,9 @@ The reference model is the starting policy, frozen. Two ways to use it, with the
   is kept in memory.
 - `--reference model`: a frozen copy computes them batch by batch (under ZeRO-3 the copy is a
   partitioned inference engine, so no rank holds all of it).
+`--sft-weight ALPHA` adds ALPHA times the chosen completions' per-token negative log-likelihood
+(RPO, Pang et al. 2024): plain DPO can lower the likelihood of the chosen answers too ("likelihood
+displacement"), which on the synthetic arithmetic pairs destroys the SFT model's accuracy.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ import copy
 
 import torch
 
+from models import IGNORE_INDEX
 from models.io import atomic_write
 
 from .args import add_train_args, train_args_from
 from .chat_data import DPODataset, build_dpo_examples, dpo_collate
 from .data import load_dpo
 from .errors import UserError
-from .losses import LOSS_TYPES, dpo_loss, sequence_logps
+from .losses import LOSS_TYPES, chosen_nll, dpo_loss, sequence_logps
 from .stage import Run, add_finetune_data_args, fit_and_summarize, split_held_out
 from .tokenizer import PAD
 from .trainer import Trainer
@@ -42,6 +46,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     g.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO epsilon (sigmoid loss)")
     g.add_argument("--average-logps", action="store_true", help="length-average the log-probs instead of summing")
     g.add_argument("--reference", choices=["precompute", "model"], default="precompute")
+    g.add_argument("--sft-weight", type=float, default=0.0,
+                   help="add this times the chosen completions' per-token NLL (RPO), which keeps DPO from "
+                        "lowering the likelihood of the correct answers")
     add_train_args(p, steps=200, lr=5e-5, batch_size=16)
     p.set_defaults(warmup_steps=10, weight_decay=0.0)
     return p
@@ -57,13 +64,16 @@ def pair_logps(module, batch: dict, average: bool) -> torch.Tensor:
 class DPOObjective:
     """The trainer's loss function for DPO: policy log-probs against the reference's."""
 
-    def __init__(self, beta: float, loss_type: str, label_smoothing: float, average: bool, reference=None):
+    def __init__(self, beta: float, loss_type: str, label_smoothing: float, average: bool, reference=None,
+                 sft_weight: float = 0.0):
+        if sft_weight < 0:
+            raise UserError(f"--sft-weight must be >= 0, got {sft_weight}")
         if not 0 <= label_smoothing < 0.5:
             raise UserError(f"--label-smoothing must be in [0, 0.5), got {label_smoothing}")
         if beta <= 0:
             raise UserError(f"--beta must be positive, got {beta}")
         self.beta, self.loss_type, self.eps, self.average = beta, loss_type, label_smoothing, average
-        self.reference = reference
+        self.reference, self.sft_weight = reference, sft_weight
 
     def __call__(self, module, batch: dict):
         pi = pair_logps(module, batch, self.average)
@@ -72,7 +82,15 @@ class DPOObjective:
         else:
             with torch.no_grad():
                 ref = pair_logps(self.reference, batch, self.average)
-        return dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], self.beta, self.loss_type, self.eps)
+        loss, stats = dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], self.beta, self.loss_type, self.eps)
+        if self.sft_weight:
+            half = batch["targets"].shape[0] // 2
+            n_chosen = (batch["targets"][:half] != IGNORE_INDEX).sum(-1).clamp(min=1)
+            summed = pi[:, 0] * n_chosen if self.average else pi[:, 0]
+            nll = chosen_nll(summed, n_chosen)
+            loss = loss + self.sft_weight * nll
+            stats["chosen_nll"] = nll.item()
+        return loss, stats
 
 
 def run(ns: argparse.Namespace) -> dict:
@@ -91,7 +109,7 @@ def run(ns: argparse.Namespace) -> dict:
     reference_copy = copy.deepcopy(model) if ns.reference == "model" and run_dir.resume_ckpt is None else None
     if ns.reference == "model" and run_dir.resume_ckpt is not None:
         raise UserError("--resume with --reference model: the starting policy is gone; use --reference precompute")
-    objective = DPOObjective(ns.beta, ns.loss, ns.label_smoothing, ns.average_logps)
+    objective = DPOObjective(ns.beta, ns.loss, ns.label_smoothing, ns.average_logps, sft_weight=ns.sft_weight)
     info = {"stage": "dpo", "init": ns.init, "pairs": len(train_ex), "held_out_pairs": len(eval_ex),
             "dropped_too_long": dropped + eval_dropped, "beta": ns.beta, "loss": ns.loss, "reference": ns.reference}
     trainer = Trainer(model, train_set, objective, targs, optim, eval_set=eval_set,

@@ -2,7 +2,8 @@
 
 - `lm_loss`: next-token cross-entropy over the target tokens (pretraining, SFT).
 - `sequence_logps`: per-sequence log-probability of the target tokens, summed or length-averaged.
-- `dpo_loss`: sigmoid DPO with conservative label smoothing, and IPO.
+- `dpo_loss`: sigmoid DPO with conservative label smoothing, and IPO; `chosen_nll`: the optional
+  RPO term (per-token NLL of the chosen completion) that DPO can add.
 
 DPO (Rafailov et al. 2023, Eq. 7). With policy log-probs pi_c, pi_r and reference log-probs ref_c,
 ref_r of the chosen and rejected completions, d = (pi_c - ref_c) - (pi_r - ref_r):
@@ -35,6 +36,11 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, average: bool = 
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
     total = picked.sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def chosen_nll(summed_logps: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs of the chosen completion's per-token negative log-likelihood (the RPO term)."""
+    return (-summed_logps / n_tokens).mean()
 
 
 def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, beta: float = 0.1,
