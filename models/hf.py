@@ -36,22 +36,20 @@ def _special_ids(tokenizer_dir: Path) -> dict[str, int]:
     return {t["content"]: t["id"] for t in added}
 
 
+# DenseConfig fields that Qwen2Config has under the same name and meaning (rope_theta moved into
+# rope_parameters in transformers 5, so it is translated on its own).
+QWEN2_SHARED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                       "initializer_range")
+
+
 def _qwen2_config(config: DenseConfig, special: dict[str, int]):
     from transformers import Qwen2Config
 
     eos = special.get("<|endoftext|>")
     return Qwen2Config(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        max_position_embeddings=config.max_position_embeddings,
+        **{f: getattr(config, f) for f in QWEN2_SHARED_FIELDS},
         rope_theta=config.rope_theta,
-        rms_norm_eps=config.rms_norm_eps,
-        tie_word_embeddings=config.tie_word_embeddings,
-        initializer_range=config.initializer_range,
         hidden_act="silu",
         use_sliding_window=False,
         bos_token_id=None,
@@ -122,19 +120,9 @@ def import_hf(hf_dir: str | Path) -> torch.nn.Module:
         raise CheckpointError(f"{d / 'config.json'}: sliding-window attention is not supported")
     if hf.hidden_act != "silu":
         raise CheckpointError(f"{d / 'config.json'}: hidden_act {hf.hidden_act!r} is not supported (expected 'silu')")
-    config = DenseConfig(
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size,
-        num_hidden_layers=hf.num_hidden_layers,
-        num_attention_heads=hf.num_attention_heads,
-        num_key_value_heads=hf.num_key_value_heads,
-        max_position_embeddings=hf.max_position_embeddings,
-        rope_theta=_rope_theta(hf),
-        rms_norm_eps=hf.rms_norm_eps,
-        tie_word_embeddings=bool(hf.tie_word_embeddings),
-        initializer_range=hf.initializer_range,
-    ).validate()
+    fields = {f: getattr(hf, f) for f in QWEN2_SHARED_FIELDS}
+    fields["tie_word_embeddings"] = bool(fields["tie_word_embeddings"])
+    config = DenseConfig(**fields, rope_theta=_rope_theta(hf)).validate()
     if getattr(hf, "head_dim", None) not in (None, config.head_dim):
         raise CheckpointError(f"{d / 'config.json'}: head_dim {hf.head_dim} != hidden_size/num_attention_heads")
     model = build_model(config)

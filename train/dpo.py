@@ -29,7 +29,7 @@ from .chat_data import DPODataset, build_dpo_examples, dpo_collate
 from .data import load_dpo
 from .errors import UserError
 from .losses import LOSS_TYPES, chosen_nll, dpo_loss, sequence_logps
-from .stage import Run, add_finetune_data_args, fit_and_summarize, split_held_out
+from .stage import Run, add_finetune_data_args, fit_and_summarize, load_examples
 from .tokenizer import PAD
 from .trainer import Trainer
 
@@ -98,20 +98,14 @@ def run(ns: argparse.Namespace) -> dict:
     run_dir = Run(ns.out, ns.resume, ns.tokenizer, ns.init)
     tok = run_dir.tokenizer
     model = run_dir.starting_model(ns.seed, ns.kernels)
-    pairs = [p for path in ns.data for p in load_dpo(path)]
-    if ns.eval_data:
-        eval_pairs = [p for path in ns.eval_data for p in load_dpo(path)]
-    else:
-        pairs, eval_pairs = split_held_out(pairs, ns.eval_fraction if ns.eval_every else 0)
-    train_ex, dropped = build_dpo_examples(tok, pairs, ns.seq_len)
-    eval_ex, eval_dropped = build_dpo_examples(tok, eval_pairs, ns.seq_len)
+    train_ex, eval_ex, dropped = load_examples(ns, load_dpo, build_dpo_examples, tok)
     train_set, eval_set = DPODataset(train_ex), (DPODataset(eval_ex) if eval_ex else None)
     reference_copy = copy.deepcopy(model) if ns.reference == "model" and run_dir.resume_ckpt is None else None
     if ns.reference == "model" and run_dir.resume_ckpt is not None:
         raise UserError("--resume with --reference model: the starting policy is gone; use --reference precompute")
     objective = DPOObjective(ns.beta, ns.loss, ns.label_smoothing, ns.average_logps, sft_weight=ns.sft_weight)
     info = {"stage": "dpo", "init": ns.init, "pairs": len(train_ex), "held_out_pairs": len(eval_ex),
-            "dropped_too_long": dropped + eval_dropped, "beta": ns.beta, "loss": ns.loss, "reference": ns.reference}
+            "dropped_too_long": dropped, "beta": ns.beta, "loss": ns.loss, "reference": ns.reference}
     trainer = Trainer(model, train_set, objective, targs, optim, eval_set=eval_set,
                       collate_fn=dpo_collate(tok.convert_tokens_to_ids(PAD)),
                       weight_fn=lambda batch: float(len(batch["index"])),  # the loss is a mean over pairs

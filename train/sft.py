@@ -15,7 +15,7 @@ from .chat_data import PackedSFTDataset, SFTDataset, build_sft_examples, pad_col
 from .data import load_sft
 from .errors import UserError
 from .losses import lm_loss
-from .stage import Run, add_finetune_data_args, fit_and_summarize, split_held_out
+from .stage import Run, add_finetune_data_args, fit_and_summarize, load_examples
 from .tokenizer import PAD
 from .trainer import Trainer
 
@@ -37,17 +37,11 @@ def run(ns: argparse.Namespace) -> dict:
     if ns.seq_len > model.config.max_position_embeddings:
         raise UserError(f"--seq-len {ns.seq_len} is longer than the model's context "
                         f"(max_position_embeddings={model.config.max_position_embeddings})")
-    convs = [c for path in ns.data for c in load_sft(path)]
-    if ns.eval_data:
-        eval_convs = [c for path in ns.eval_data for c in load_sft(path)]
-    else:
-        convs, eval_convs = split_held_out(convs, ns.eval_fraction if ns.eval_every else 0)
-    train_ex, dropped = build_sft_examples(tok, convs, ns.seq_len)
-    eval_ex, eval_dropped = build_sft_examples(tok, eval_convs, ns.seq_len)
+    train_ex, eval_ex, dropped = load_examples(ns, load_sft, build_sft_examples, tok)
     pad = tok.convert_tokens_to_ids(PAD)
     make = (lambda ex: PackedSFTDataset(ex, ns.seq_len, pad)) if ns.pack else SFTDataset
     train_set, eval_set = make(train_ex), (make(eval_ex) if eval_ex else None)
-    info = {"stage": "sft", "init": ns.init, "conversations": len(train_ex), "dropped_too_long": dropped + eval_dropped,
+    info = {"stage": "sft", "init": ns.init, "conversations": len(train_ex), "dropped_too_long": dropped,
             "rows": len(train_set), "trained_tokens": int(sum(e.trained[1:].sum() for e in train_ex))}
     trainer = Trainer(model, train_set, lm_loss, targs, optim, eval_set=eval_set, collate_fn=pad_collate(pad),
                       tokenizer_dir=run_dir.tokenizer_dir, run_config={"run": info}, title="sft")

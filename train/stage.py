@@ -71,6 +71,19 @@ class Run:
         return model
 
 
+def load_examples(ns: argparse.Namespace, load, build, tokenizer) -> tuple[list, list, int]:
+    """(train examples, held-out examples, number dropped as too long) from --data and --eval-data
+    (or a held-out slice of --data) with a stage's record loader and example builder."""
+    records = [r for path in ns.data for r in load(path)]
+    if ns.eval_data:
+        eval_records = [r for path in ns.eval_data for r in load(path)]
+    else:
+        records, eval_records = split_held_out(records, ns.eval_fraction if ns.eval_every else 0)
+    train_ex, dropped = build(tokenizer, records, ns.seq_len)
+    eval_ex, eval_dropped = build(tokenizer, eval_records, ns.seq_len)
+    return train_ex, eval_ex, dropped + eval_dropped
+
+
 def fit_and_summarize(trainer, info: dict) -> dict:
     """Train, then write OUT/summary.json (rank 0) with the run's figures and the stage's info."""
     summary = {**trainer.fit(), **info}
