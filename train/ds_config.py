@@ -100,7 +100,3 @@ def _find_auto(d, prefix: str = "") -> str | None:
 
 def zero_stage(cfg: dict) -> int:
     return int(cfg.get("zero_optimization", {}).get("stage", 0))
-
-
-def offloads_optimizer(cfg: dict) -> bool:
-    return cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
