@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from ._backend import BACKENDS, ENV_VAR, check_backend, requested_backend, resolve_backend
+from .mla_attention import mla_attention_reference, mla_decode_reference
+from .moe_dispatch import grouped_mlp_reference, moe_combine, moe_experts_reference, moe_permute
 from .rms_norm import rms_norm_reference
 from .rope import LAYOUTS, apply_rope_reference
 from .swiglu import swiglu_reference
@@ -20,6 +22,12 @@ __all__ = [
     "LAYOUTS",
     "apply_rope",
     "check_backend",
+    "grouped_mlp",
+    "mla_attention",
+    "mla_decode",
+    "moe_combine",
+    "moe_experts",
+    "moe_permute",
     "requested_backend",
     "resolve_backend",
     "rms_norm",
@@ -60,3 +68,24 @@ def apply_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, Hq, T, D] and k [B, Hk, T, D] by per-position cos/sin [B, T, D]."""
     return _dispatch("apply_rope", apply_rope_reference, backend, q)(q, k, cos, sin, layout)
+
+
+def mla_attention(q_nope, q_rope, k_nope, k_rope, v, scale: float, mask=None, backend: str | None = None):
+    """MLA attention with a shared rope key and a separate value head dim (see kernels/mla_attention.py)."""
+    return _dispatch("mla_attention", mla_attention_reference, backend, q_nope)(
+        q_nope, q_rope, k_nope, k_rope, v, scale, mask)
+
+
+def mla_decode(q_latent, q_rope, c_kv, k_rope, scale: float, mask=None, backend: str | None = None):
+    """Absorbed-query attention over the latent cache; returns the weighted latent [B, H, T, R]."""
+    return _dispatch("mla_decode", mla_decode_reference, backend, q_latent)(q_latent, q_rope, c_kv, k_rope, scale, mask)
+
+
+def grouped_mlp(x_sorted, counts, w_gate_up, w_down, backend: str | None = None):
+    """Each expert's SwiGLU MLP over its contiguous rows of x_sorted (see kernels/moe_dispatch.py)."""
+    return _dispatch("grouped_mlp", grouped_mlp_reference, backend, x_sorted)(x_sorted, counts, w_gate_up, w_down)
+
+
+def moe_experts(x, topk_idx, topk_weight, w_gate_up, w_down, backend: str | None = None):
+    """Routed experts: dispatch tokens to their top-k experts, run them, combine with the routing weights."""
+    return _dispatch("moe_experts", moe_experts_reference, backend, x)(x, topk_idx, topk_weight, w_gate_up, w_down)

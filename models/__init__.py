@@ -1,9 +1,19 @@
 """Model configs, layers, the models, conversion to/from transformers, and generation."""
 
-from .config import PRESETS, ConfigError, DenseConfig, config_from_dict, load_config, make_config, save_config
+from .config import (
+    PRESETS,
+    ConfigError,
+    DenseConfig,
+    MoEConfig,
+    config_from_dict,
+    load_config,
+    make_config,
+    save_config,
+)
 from .dense import IGNORE_INDEX, DenseLM
 from .hf import export_hf, import_hf, load_pretrained, resolve_checkpoint
 from .io import CheckpointError, build_model, load_model, save_model
+from .moe import MoELM
 from .output import ModelOutput
 
 __all__ = [
@@ -13,6 +23,8 @@ __all__ = [
     "ConfigError",
     "DenseConfig",
     "DenseLM",
+    "MoEConfig",
+    "MoELM",
     "ModelOutput",
     "build_model",
     "config_from_dict",

@@ -78,7 +78,103 @@ class DenseConfig:
         return {"model_type": self.model_type, **dataclasses.asdict(self)}
 
 
-CONFIG_CLASSES: dict[str, type] = {"dense": DenseConfig}
+@dataclass
+class MoEConfig:
+    """DeepSeek-V3-style decoder: Multi-head Latent Attention and DeepSeekMoE (shared + fine-grained routed
+    experts, sigmoid routing with a selection-only bias, group-limited top-k). Field names are
+    transformers' `DeepseekV3Config`'s."""
+
+    model_type: typing.ClassVar[str] = "moe"
+
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 688  # the dense MLP of the first `first_k_dense_replace` layers
+    moe_intermediate_size: int = 128  # each routed (and shared) expert's hidden size
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    # MLA
+    q_lora_rank: int | None = None  # None: a plain q_proj; else q_a_proj -> q_a_layernorm -> q_b_proj
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    # DeepSeekMoE
+    n_shared_experts: int = 1
+    n_routed_experts: int = 8
+    num_experts_per_tok: int = 2
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 1
+    # load balancing (DeepSeek-V3 sec. 2.1.2): bias update speed gamma, sequence-wise balance loss alpha
+    bias_update_speed: float = 1e-3
+    aux_loss_alpha: float = 1e-4
+    # multi-token prediction (DeepSeek-V3 sec. 2.2): 0 or 1 extra depth, its loss weight lambda
+    num_mtp_layers: int = 0
+    mtp_loss_weight: float = 0.3
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # YaRN: {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    kernel_backend: str = "auto"
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def validate(self) -> MoEConfig:
+        may_be_zero = {"bias_update_speed", "aux_loss_alpha", "num_mtp_layers", "first_k_dense_replace",
+                       "n_shared_experts", "mtp_loss_weight"}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if v < 0 or (v == 0 and f.name not in may_be_zero):
+                need = "non-negative" if f.name in may_be_zero else "positive"
+                raise ConfigError(f"field '{f.name}' must be {need}, got {v}")
+        try:
+            check_backend(self.kernel_backend)
+        except ValueError as e:
+            raise ConfigError(f"field 'kernel_backend': {e}") from None
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"field 'qk_rope_head_dim' must be even, got {self.qk_rope_head_dim}")
+        if self.num_mtp_layers > 1:
+            raise ConfigError(f"field 'num_mtp_layers' must be 0 or 1, got {self.num_mtp_layers}")
+        e, g = self.n_routed_experts, self.n_group
+        if e % g:
+            raise ConfigError(f"field 'n_routed_experts' ({e}) must be divisible by 'n_group' ({g})")
+        if g > 1 and e // g < 2:
+            raise ConfigError(f"group-limited routing needs at least 2 experts per group; "
+                              f"n_routed_experts/n_group = {e // g}")
+        if self.topk_group > g:
+            raise ConfigError(f"field 'topk_group' ({self.topk_group}) must not exceed 'n_group' ({g})")
+        if self.num_experts_per_tok > self.topk_group * (e // g):
+            raise ConfigError(f"field 'num_experts_per_tok' ({self.num_experts_per_tok}) exceeds the experts in "
+                              f"the {self.topk_group} chosen group(s) ({self.topk_group * (e // g)})")
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            raise ConfigError(f"field 'first_k_dense_replace' ({self.first_k_dense_replace}) exceeds "
+                              f"'num_hidden_layers' ({self.num_hidden_layers})")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            kind = rs.get("rope_type", rs.get("type"))
+            if kind != "yarn" or "factor" not in rs or "original_max_position_embeddings" not in rs:
+                raise ConfigError("field 'rope_scaling' must be a YaRN dict with 'type': 'yarn', 'factor' and "
+                                  f"'original_max_position_embeddings', got {rs!r}")
+        return self
+
+    def num_parameters(self) -> int:
+        from .moe import MoELM  # the exact count, from the module itself
+
+        return MoELM(self).num_parameters()
+
+    def to_dict(self) -> dict:
+        return {"model_type": self.model_type, **dataclasses.asdict(self)}
+
+
+CONFIG_CLASSES: dict[str, type] = {"dense": DenseConfig, "moe": MoEConfig}
 
 PRESETS: dict[str, dict[str, dict]] = {
     "dense": {
@@ -98,12 +194,37 @@ PRESETS: dict[str, dict[str, dict]] = {
         # ~125M parameters.
         "base": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                      num_key_value_heads=4, max_position_embeddings=2048),
-    }
+    },
+    "moe": {
+        # ~0.4M parameters: unit tests, verify, the demo's MoE run.
+        "micro": dict(hidden_size=64, intermediate_size=176, moe_intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                      v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, max_position_embeddings=256),
+        # ~1.5M parameters: the demo's MoE model beside the dense nano model.
+        "nano": dict(hidden_size=128, intermediate_size=384, moe_intermediate_size=64, num_hidden_layers=4,
+                     num_attention_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                     v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                     max_position_embeddings=512),
+        # ~10M parameters with a 4k vocabulary.
+        "tiny": dict(hidden_size=256, intermediate_size=688, moe_intermediate_size=128, num_hidden_layers=4,
+                     num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
+                     qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+                     topk_group=2, routed_scaling_factor=2.5, max_position_embeddings=1024),
+        # a GPU-sized small MoE.
+        "small": dict(hidden_size=512, intermediate_size=1408, moe_intermediate_size=256, num_hidden_layers=8,
+                      num_attention_heads=8, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64,
+                      qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32, num_experts_per_tok=6, n_group=4,
+                      topk_group=2, routed_scaling_factor=2.5, max_position_embeddings=2048),
+    },
 }
 
 
 def _check_type(name: str, value, annotation: str, where: str):
-    expected = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(annotation)
+    if annotation.endswith(" | None"):
+        if value is None:
+            return None
+        annotation = annotation[: -len(" | None")]
+    expected = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict": dict}.get(annotation)
     if expected is None:
         return value
     ok = isinstance(value, expected) and not (annotation in ("int", "float") and isinstance(value, bool))

@@ -4,17 +4,15 @@ and import are a direct copy of the state dict.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .base import IGNORE_INDEX, CausalLMBase, next_token_loss
 from .config import DenseConfig
-from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLUMLP, build_attention_mask
+from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLUMLP
 from .output import ModelOutput
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "DenseLM"]
 
 
 class DecoderLayer(nn.Module):
@@ -41,7 +39,7 @@ class DenseBackbone(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
 
-class DenseLM(nn.Module):
+class DenseLM(CausalLMBase):
     """Causal language model; `forward` takes token ids (or embeddings, for the VLM) and returns logits."""
 
     config_class = DenseConfig
@@ -56,21 +54,7 @@ class DenseLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, initializer_range) weights, zero biases, unit norms; residual outputs scaled by
-        1/sqrt(2 * layers) (GPT-2) so the residual stream's variance does not grow with depth."""
-        std = self.config.initializer_range
-        for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "model.norm.weight":
-                nn.init.ones_(p)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
-            else:
-                scale = 1 / math.sqrt(2 * self.config.num_hidden_layers)
-                residual_out = name.endswith(("o_proj.weight", "down_proj.weight"))
-                nn.init.normal_(p, mean=0.0, std=std * (scale if residual_out else 1.0))
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        self.init_weights(lambda name: name.endswith("layernorm.weight") or name == "model.norm.weight")
 
     def make_kv_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
         c = self.config
@@ -95,30 +79,14 @@ class DenseLM(nn.Module):
         attention_mask [B, past+T]: 1 for real tokens, 0 for padding. segment_ids [B, T]: packed
         documents that must not see each other. position_ids [B, T]: default past..past+T-1.
         """
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("pass input_ids or inputs_embeds")
-            inputs_embeds = self.model.embed_tokens(input_ids)
-        b, t, _ = inputs_embeds.shape
-        past = kv_cache.length if kv_cache is not None else 0
-        if past + t > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence of {past + t} tokens is longer than the model's context "
-                f"(max_position_embeddings={self.config.max_position_embeddings})"
-            )
-        device = inputs_embeds.device
-        if position_ids is None:
-            position_ids = torch.arange(past, past + t, device=device).expand(b, t)
-        cos, sin = self.model.rotary_emb(position_ids, inputs_embeds.dtype)
-        mask = build_attention_mask(t, past + t, device, attention_mask, segment_ids)
-        h = inputs_embeds
+        h, cos, sin, mask = self.prepare(input_ids, inputs_embeds, attention_mask, position_ids, segment_ids,
+                                         kv_cache)
         for layer in self.model.layers:
             h = layer(h, cos, sin, mask, kv_cache)
         if kv_cache is not None:
-            kv_cache.advance(t)
+            kv_cache.advance(h.shape[1])
         logits = self.lm_head(self.model.norm(h))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+            loss = next_token_loss(logits, targets)
         return ModelOutput(logits=logits, loss=loss)

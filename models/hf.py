@@ -1,7 +1,8 @@
 """Conversion to and from native transformers checkpoints, and `load_pretrained` for both formats.
 
-The dense model exports as `Qwen2ForCausalLM` (no trust_remote_code): the state dict keys are the
-same, so conversion is a config translation plus a copy of the tensors.
+The dense model exports as `Qwen2ForCausalLM` and the MoE model as `DeepseekV3ForCausalLM` (both native,
+no trust_remote_code). The dense state dict keys are the same, so its conversion is a config translation
+plus a copy of the tensors; the MoE model's few differences are in models/hf_deepseek.py.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .config import DenseConfig
+from .config import DenseConfig, MoEConfig
+from .hf_deepseek import config_from_deepseek_v3, deepseek_v3_config, from_deepseek_state, to_deepseek_state
 from .io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -66,13 +68,17 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     model = load_model(src)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not isinstance(model.config, DenseConfig):
-        raise CheckpointError(f"{src}: export of model type {model.config.model_type!r} is not supported yet")
     special = _special_ids(src)
-    _qwen2_config(model.config, special).save_pretrained(out)
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
+    if isinstance(model.config, DenseConfig):
+        _qwen2_config(model.config, special).save_pretrained(out)
+    elif isinstance(model.config, MoEConfig):
+        deepseek_v3_config(model.config, special).save_pretrained(out)
+        state = to_deepseek_state(state, model.config)
+    else:
+        raise CheckpointError(f"{src}: export of model type {model.config.model_type!r} is not supported")
     save_weights({k: v.contiguous() for k, v in state.items()}, out / WEIGHTS_FILE)
     if (src / "tokenizer.json").exists():
         copy_tokenizer_files(src, out)
@@ -106,7 +112,7 @@ def _read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
 
 
 def import_hf(hf_dir: str | Path) -> torch.nn.Module:
-    """Build our model from a transformers `Qwen2ForCausalLM` directory (strict)."""
+    """Build our model from a transformers `Qwen2ForCausalLM` or `DeepseekV3ForCausalLM` directory (strict)."""
     from transformers import AutoConfig
 
     d = Path(hf_dir)
@@ -114,8 +120,14 @@ def import_hf(hf_dir: str | Path) -> torch.nn.Module:
         hf = AutoConfig.from_pretrained(str(d), local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{d / 'config.json'}: cannot read the transformers config ({e})") from None
+    if hf.model_type == "deepseek_v3":
+        config = config_from_deepseek_v3(hf, str(d / "config.json"))
+        model = build_model(config)
+        load_state_strict(model, from_deepseek_state(_read_hf_weights(d), config), str(d))
+        return model
     if hf.model_type != "qwen2":
-        raise CheckpointError(f"{d / 'config.json'}: model_type {hf.model_type!r} is not supported (expected 'qwen2')")
+        raise CheckpointError(f"{d / 'config.json'}: model_type {hf.model_type!r} is not supported "
+                              "(expected 'qwen2' or 'deepseek_v3')")
     if getattr(hf, "use_sliding_window", False):
         raise CheckpointError(f"{d / 'config.json'}: sliding-window attention is not supported")
     if hf.hidden_act != "silu":

@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_CLASSES, ConfigError, load_config, save_config
 from .dense import DenseLM
+from .moe import MoELM
 
-MODEL_CLASSES: dict[str, type] = {"dense": DenseLM}
+MODEL_CLASSES: dict[str, type] = {"dense": DenseLM, "moe": MoELM}
 CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = (

@@ -40,6 +40,8 @@ def add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_s
     g = p.add_argument_group("distributed")
     g.add_argument("--deepspeed", metavar="CONFIG.json",
                    help="train through DeepSpeed with this config (ds_configs/zero{1,2,3}.json, *_offload.json)")
+    g.add_argument("--expert-parallel-size", type=int, default=1, metavar="P",
+                   help="MoE: split the routed experts over groups of P ranks (all-to-all token dispatch)")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from launchers
 
 
@@ -49,10 +51,11 @@ def train_args_from(ns: argparse.Namespace) -> tuple[TrainArgs, OptimConfig]:
         grad_accum=ns.grad_accum, seed=ns.seed, eval_every=ns.eval_every, eval_batches=ns.eval_batches,
         save_every=ns.save_every, keep_checkpoints=ns.keep_checkpoints, device=ns.device,
         progress=not ns.no_progress, resume=ns.resume, deepspeed=ns.deepspeed,
+        expert_parallel_size=ns.expert_parallel_size,
     )
     optim = OptimConfig(lr=ns.lr, min_lr_ratio=ns.min_lr_ratio, warmup_steps=ns.warmup_steps,
                         max_steps=ns.max_steps, weight_decay=ns.weight_decay, grad_clip=ns.grad_clip)
-    for name in ("batch_size", "grad_accum", "eval_batches", "save_every"):
+    for name in ("batch_size", "grad_accum", "eval_batches", "save_every", "expert_parallel_size"):
         if getattr(ns, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     return targs, optim

@@ -40,6 +40,11 @@ class DeepSpeedEngine:
             hidden_size=model.config.hidden_size,
         )
         self.stage = zero_stage(self.config)
+        leaf = getattr(model, "zero3_leaf_modules", None)
+        if self.stage == 3 and leaf:  # one gather per MoE block, so ranks agree even when an expert gets no tokens
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(model, list(leaf))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.weight_decay), config=self.config,
             lr_scheduler=schedule(cfg),

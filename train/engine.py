@@ -70,13 +70,29 @@ def schedule(cfg: OptimConfig):
 
 class TorchEngine:
     """AdamW + warmup/cosine + global-norm clipping; DistributedDataParallel when launched with
-    several processes (torchrun or the deepspeed launcher without --deepspeed)."""
+    several processes (torchrun or the deepspeed launcher without --deepspeed).
 
-    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, device: torch.device):
+    With `expert_parallel_size` P > 1 (the MoE model), consecutive groups of P ranks split the routed
+    experts between them (models/expert_parallel.py). DDP then all-reduces only the dense parameters;
+    an expert's gradient already holds the contributions of every token its EP group routed to it, so
+    it is summed over the ranks that hold the same expert (the expert-data-parallel group) and divided
+    by the world size, which is DDP's mean. The clipping norm counts every expert once."""
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, device: torch.device, expert_parallel_size: int = 1):
         self.model, self.cfg = model, cfg
         self.module = model
-        if dist_info()[2] > 1:
+        rank, _, world = dist_info()
+        self.world = world
+        self.ep_group = self.edp_group = None
+        self.expert_names: set[str] = set()
+        if world > 1:
             init_process_group(device)
+        if expert_parallel_size > 1:
+            self._shard_experts(rank, world, expert_parallel_size)
+        if world > 1:
+            if self.expert_names:
+                torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    model, sorted(self.expert_names))
             ids = [device.index] if device.type == "cuda" else None
             self.module = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         fused = all(p.is_cuda for p in model.parameters())
@@ -86,6 +102,29 @@ class TorchEngine:
         )
         self.scheduler = schedule(cfg)(self.optimizer)
 
+    def _shard_experts(self, rank: int, world: int, ep: int) -> None:
+        import torch.distributed as dist
+
+        from models.expert_parallel import expert_parameter_names, shard_experts
+
+        if not hasattr(self.model, "moe_blocks"):
+            raise UserError("--expert-parallel-size needs the MoE model")
+        if world % ep:
+            raise UserError(f"--expert-parallel-size {ep} must divide the number of ranks ({world})")
+        n_experts = self.model.config.n_routed_experts
+        if n_experts % ep:
+            raise UserError(f"--expert-parallel-size {ep} must divide n_routed_experts ({n_experts})")
+        for k in range(world // ep):  # every rank creates every group, in the same order
+            g = dist.new_group(list(range(k * ep, (k + 1) * ep)))
+            if rank // ep == k:
+                self.ep_group = g
+        for j in range(ep):
+            g = dist.new_group(list(range(j, world, ep)))
+            if rank % ep == j:
+                self.edp_group = g
+        shard_experts(self.model, self.ep_group, rank % ep, ep)
+        self.expert_names = set(expert_parameter_names(self.model))
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -93,9 +132,36 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.grad_accum).backward()
 
+    def _reduce_expert_grads(self) -> float:
+        """Expert gradients to DDP's convention; returns the squared norm of all of them (every expert once)."""
+        import torch.distributed as dist
+
+        sq = torch.zeros((), dtype=torch.float64)
+        for name, p in self.model.named_parameters():
+            if name not in self.expert_names:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if dist.get_world_size(self.edp_group) > 1:
+                dist.all_reduce(p.grad, group=self.edp_group)
+            p.grad /= self.world
+            sq += p.grad.double().pow(2).sum().cpu()
+        dist.all_reduce(sq, group=self.ep_group)
+        return float(sq)
+
     def step(self) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.cfg.grad_clip > 0:
+        if self.ep_group is not None:
+            expert_sq = self._reduce_expert_grads()
+            expert_ids = {id(p) for n, p in self.model.named_parameters() if n in self.expert_names}
+            dense = [p.grad for p in params if p.grad is not None and id(p) not in expert_ids]
+            dense_sq = float(sum(g.double().pow(2).sum() for g in dense)) if dense else 0.0
+            norm = math.sqrt(dense_sq + expert_sq)
+            if self.cfg.grad_clip > 0 and norm > self.cfg.grad_clip:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(self.cfg.grad_clip / (norm + 1e-6))
+        elif self.cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
@@ -104,26 +170,44 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
+    def _state_file(self) -> str:
+        # under expert parallelism each rank's optimizer holds different experts' moments
+        return f"trainer_state_rank{dist_info()[0]}.pt" if self.ep_group is not None else STATE_FILE
+
     def save_state(self, ckpt_dir: Path, client_state: dict, is_main: bool) -> None:
-        if is_main:  # every rank holds the same optimizer state under DDP
+        if is_main or self.ep_group is not None:  # every rank holds the same optimizer state under plain DDP
             state = {**client_state, "engine": {"optimizer": self.optimizer.state_dict(),
                                                 "scheduler": self.scheduler.state_dict()}}
-            torch.save(state, ckpt_dir / STATE_FILE)
+            torch.save(state, ckpt_dir / self._state_file())
 
     def load_state(self, ckpt_dir: Path) -> dict:
-        load_state_strict(self.model, read_weights(ckpt_dir / "model.safetensors"), str(ckpt_dir))
+        weights = read_weights(ckpt_dir / "model.safetensors")
+        if self.ep_group is not None:  # this rank's slice of every expert tensor
+            local = self.model.state_dict()
+            for name in self.expert_names:
+                offset = next(m.offset for n, m in self.model.named_modules() if name.startswith(n + ".")
+                              and hasattr(m, "offset"))
+                weights[name] = weights[name][offset:offset + local[name].shape[0]]
+        load_state_strict(self.model, weights, str(ckpt_dir))
+        path = ckpt_dir / self._state_file()
         try:
-            state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
-            raise UserError(f"{ckpt_dir}: no {STATE_FILE} (was this run trained with --deepspeed?)") from None
+            raise UserError(f"{ckpt_dir}: no {path.name} (was this run trained with --deepspeed, or with "
+                            "another --expert-parallel-size?)") from None
         except Exception as e:  # noqa: BLE001 - any unreadable state file is the same user-facing error
-            raise UserError(f"{ckpt_dir / STATE_FILE}: cannot read the trainer state ({e})") from None
+            raise UserError(f"{path}: cannot read the trainer state ({e})") from None
         self.optimizer.load_state_dict(state["engine"]["optimizer"])
         self.scheduler.load_state_dict(state["engine"]["scheduler"])
         return state
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
+        state = self.model.state_dict()
+        if self.ep_group is not None:  # every rank takes part in gathering the expert slices
+            from models.expert_parallel import gather_experts
+
+            state = gather_experts(self.model, dict(state), self.ep_group)
+        return state
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
@@ -134,11 +218,14 @@ class TorchEngine:
 
 
 def make_engine(model: torch.nn.Module, cfg: OptimConfig, device: torch.device, deepspeed_config: str | None,
-                micro_batch: int):
+                micro_batch: int, expert_parallel_size: int = 1):
     """A DeepSpeed engine when a --deepspeed config is given, else the plain PyTorch engine.
     deepspeed is imported only in the first case."""
+    if expert_parallel_size > 1 and deepspeed_config:
+        raise UserError("--expert-parallel-size runs on the PyTorch engine (torchrun, or the deepspeed launcher "
+                        "without --deepspeed); under --deepspeed the MoE model's experts are ZeRO-partitioned instead")
     if deepspeed_config:
         from .ds_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(model, cfg, device, deepspeed_config, micro_batch)
-    return TorchEngine(model, cfg, device)
+    return TorchEngine(model, cfg, device, expert_parallel_size)

@@ -25,8 +25,15 @@ LOSS_TYPES = ("sigmoid", "ipo")
 
 
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """The model's own training loss (cross-entropy, plus the MoE model's balance and MTP terms, whose
+    values come back as statistics for the log)."""
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "targets", "segment_ids", "position_ids")}
-    return model(**inputs).loss, {}
+    out = model(**inputs)
+    return out.loss, aux_stats(out)
+
+
+def aux_stats(out) -> dict[str, float]:
+    return {k: float(v) for k, v in (out.aux or {}).items()}
 
 
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, average: bool = False) -> torch.Tensor:

@@ -17,6 +17,7 @@ from models.config import ConfigError
 from .args import add_model_args, add_train_args, train_args_from
 from .data import PackedDataset, load_token_stream
 from .errors import UserError
+from .losses import lm_loss
 from .stage import Run, fit_and_summarize
 from .tokenizer import ENDOFTEXT, special_token_ids
 from .trainer import Trainer
@@ -44,8 +45,8 @@ def round_up(n: int, multiple: int) -> int:
 
 def model_config_for(ns: argparse.Namespace, vocab: int, resume_ckpt: Path | None):
     """The run's model config: from the checkpoint on resume, else the file, else the preset."""
-    if ns.model != "dense":
-        raise UserError(f"--model {ns.model}: only 'dense' is available in this version")
+    if ns.model not in ("dense", "moe"):
+        raise UserError(f"--model {ns.model}: pretraining takes 'dense' or 'moe' (the VLM starts from a dense model)")
     try:
         if resume_ckpt is not None:
             config = load_config(resume_ckpt / "model_config.json")
@@ -95,16 +96,12 @@ def run(ns: argparse.Namespace) -> dict:
     model = build_model(config)
     info = {"stage": "pretrain", "model_type": config.model_type, "parameters": model.num_parameters(),
             "train_tokens": int(len(train_set) * ns.seq_len), "data": [str(p) for p in ns.data]}
-    trainer = Trainer(model, train_set, pretrain_loss, targs, optim, eval_set=eval_set, tokenizer_dir=tok_dir,
+    trainer = Trainer(model, train_set, lm_loss, targs, optim, eval_set=eval_set, tokenizer_dir=tok_dir,
                       run_config={"run": info}, title="pretrain")
     if trainer.is_main:
         print(f"pretrain: {info['parameters'] / 1e6:.2f}M parameters, {info['train_tokens']:,} training tokens "
               f"in {len(train_set)} rows of {ns.seq_len}, device {trainer.device}, out {out}", flush=True)
     return fit_and_summarize(trainer, info)
-
-
-def pretrain_loss(model, batch: dict):
-    return model(**batch).loss, {}
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class TrainArgs:
     progress: bool = True
     resume: bool = False
     deepspeed: str | None = None  # a DeepSpeed JSON config: train through a DeepSpeed engine
+    expert_parallel_size: int = 1  # MoE: split the routed experts over groups of this many ranks
 
 
 def pick_device(name: str) -> torch.device:
@@ -86,7 +87,8 @@ class Trainer:
         self.title = title
         torch.manual_seed(args.seed)
         self.model = model.to(self.device)
-        self.engine = make_engine(self.model, self.optim_cfg, self.device, args.deepspeed, args.batch_size)
+        self.engine = make_engine(self.model, self.optim_cfg, self.device, args.deepspeed, args.batch_size,
+                                  args.expert_parallel_size)
         self.order = BatchOrder(len(train_set), args.batch_size, args.seed, self.rank, self.world_size)
         self.step = 0
         self.tokens_seen = 0
@@ -195,10 +197,12 @@ class Trainer:
             tokens += int(batch["input_ids"].numel())
         lr = self.engine.lr
         grad_norm = self.engine.step()
+        after_step = getattr(self.model, "after_optimizer_step", None)  # the MoE model's expert-bias update
+        model_stats = after_step(all_reduce_sum_) if after_step is not None else {}
         self.step += 1
         self.tokens_seen += tokens * world
         means = {k: v / total for k, v in all_reduce_sum(sums, self.device).items()}
-        return {**means, "lr": lr, "grad_norm": grad_norm, "tokens": tokens * world}
+        return {**means, **model_stats, "lr": lr, "grad_norm": grad_norm, "tokens": tokens * world}
 
     # ------------------------------------------------------------------ the loop
 

@@ -1,0 +1,47 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3): the attention step, in two forms.
+
+Training / prefill (`mla_attention`): every score is ``q_nope . k_nope + q_rope . k_rope`` where the
+rope key is one head shared by all query heads, and the value head dim may differ from the query/key
+head dim. Shapes: q_nope [B, H, T, Dn], q_rope [B, H, T, Dr], k_nope [B, H, S, Dn], k_rope [B, 1, S, Dr],
+v [B, H, S, Dv] -> [B, H, T, Dv].
+
+Decoding over the latent cache (`mla_decode`), after weight absorption: the queries have been
+multiplied into the latent space (q_latent = q_nope @ W_uk, [B, H, T, R]) and attend over the cached
+latents c_kv [B, S, R] and rope keys k_rope [B, S, Dr]; the latent itself is the value, so this is
+multi-query attention with one KV head of width R + Dr. Returns the attention-weighted latent
+[B, H, T, R] (the caller applies W_uv and o_proj).
+
+`mask` is boolean, True where a query may attend, broadcastable to [B, H, T, S]; None means causal with
+the queries being the last T of S positions. The PyTorch references below are the fallback and the
+oracle for the Triton kernels of the kernel issue.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _causal(mask: torch.Tensor | None, t: int, s: int) -> bool:
+    return mask is None and t == s
+
+
+def mla_attention_reference(q_nope, q_rope, k_nope, k_rope, v, scale: float, mask=None) -> torch.Tensor:
+    h = q_nope.shape[1]
+    q = torch.cat((q_nope, q_rope), dim=-1)
+    k = torch.cat((k_nope, k_rope.expand(-1, h, -1, -1)), dim=-1)
+    t, s = q.shape[2], k.shape[2]
+    if mask is None and t != s and t != 1:
+        raise ValueError("mla_attention: pass a mask when queries are not the whole key range or one token")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=_causal(mask, t, s), scale=scale)
+
+
+def mla_decode_reference(q_latent, q_rope, c_kv, k_rope, scale: float, mask=None) -> torch.Tensor:
+    q = torch.cat((q_latent, q_rope), dim=-1)  # [B, H, T, R + Dr]
+    k = torch.cat((c_kv, k_rope), dim=-1).unsqueeze(1)  # [B, 1, S, R + Dr]
+    v = c_kv.unsqueeze(1)  # [B, 1, S, R]
+    t, s = q.shape[2], k.shape[2]
+    if mask is None and t != s and t != 1:
+        raise ValueError("mla_decode: pass a mask when queries are not the whole key range or one token")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=_causal(mask, t, s), scale=scale,
+                                          enable_gqa=q.shape[1] > 1)

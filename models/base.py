@@ -1,0 +1,61 @@
+"""What the decoder models share: embedding the input, positions, rotary tables and the attention mask
+for a forward, the next-token loss, and the GPT-2 style initialisation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import build_attention_mask
+
+IGNORE_INDEX = -100
+
+RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight", "experts.down_proj")
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (fp32) over the positions whose target is not IGNORE_INDEX."""
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+class CausalLMBase(nn.Module):
+    """Subclasses have `self.config` and `self.model` with `embed_tokens` and `rotary_emb`."""
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def init_weights(self, is_norm) -> None:
+        """Normal(0, initializer_range) matrices, zero biases, unit norms; residual outputs scaled by
+        1/sqrt(2 * layers) (GPT-2) so the residual stream's variance does not grow with depth."""
+        std = self.config.initializer_range
+        scale = 1 / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if is_norm(name):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std * (scale if name.endswith(RESIDUAL_OUTPUTS) else 1.0))
+
+    def prepare(self, input_ids, inputs_embeds, attention_mask, position_ids, segment_ids, kv_cache):
+        """(hidden states, cos, sin, mask) for a forward over T new tokens after the cache's `past`."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        b, t, _ = inputs_embeds.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + t > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {past + t} tokens is longer than the model's context "
+                f"(max_position_embeddings={self.config.max_position_embeddings})"
+            )
+        device = inputs_embeds.device
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=device).expand(b, t)
+        cos, sin = self.model.rotary_emb(position_ids, inputs_embeds.dtype)
+        mask = build_attention_mask(t, past + t, device, attention_mask, segment_ids)
+        return inputs_embeds, cos, sin, mask
