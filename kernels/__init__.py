@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 
 from ._backend import BACKENDS, ENV_VAR, check_backend, requested_backend, resolve_backend
+from ._triton import HAS_TRITON
 from .mla_attention import mla_attention_reference, mla_decode_reference
 from .moe_dispatch import grouped_mlp_reference, moe_combine, moe_experts_reference, moe_permute
-from .rms_norm import rms_norm_reference
-from .rope import LAYOUTS, apply_rope_reference
-from .swiglu import swiglu_reference
+from .rms_norm import rms_norm_reference, rms_norm_triton
+from .rope import LAYOUTS, apply_rope_reference, apply_rope_triton
+from .swiglu import swiglu_reference, swiglu_triton
 
 __all__ = [
     "BACKENDS",
@@ -34,7 +35,10 @@ __all__ = [
     "swiglu",
 ]
 
-_TRITON_OPS: dict[str, object] = {}  # op name -> Triton implementation, filled as kernels land
+# op name -> Triton implementation (ops without one yet run their reference under `auto`)
+_TRITON_OPS: dict[str, object] = (
+    {"rms_norm": rms_norm_triton, "swiglu": swiglu_triton, "apply_rope": apply_rope_triton} if HAS_TRITON else {}
+)
 
 
 def _dispatch(op: str, reference, backend: str | None, x: torch.Tensor):
@@ -45,7 +49,8 @@ def _dispatch(op: str, reference, backend: str | None, x: torch.Tensor):
         return impl
     if requested_backend(backend) == "auto":  # auto on CUDA before the kernel exists
         return reference
-    raise NotImplementedError(f"no Triton kernel for {op} yet; use kernel backend 'torch' or 'auto'")
+    why = "triton is not installed" if not HAS_TRITON else f"no Triton kernel for {op} yet"
+    raise NotImplementedError(f"{why}; use kernel backend 'torch' or 'auto'")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str | None = None) -> torch.Tensor:

@@ -44,7 +44,8 @@ def test_demo_quick(tmp_path):
     r = _run(str(BIN / "llm-scratch"), "demo", "--quick", "--out", str(tmp_path / "demo"))
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    assert "[7/7]" in out and "held-out loss" in out and "held-out results" in out
+    assert "[8/8]" in out and "held-out loss" in out and "held-out results" in out
+    assert "expert load" in out and "DeepseekV3ForCausalLM" in out
     assert "2/2 chat answers are token-for-token the same as our model's" in out
     for stage in ("pretrain", "sft", "dpo"):
         assert (tmp_path / "demo" / stage / "loss.png").exists()
@@ -88,9 +89,10 @@ def test_tokenizer_that_does_not_match_the_checkpoint(tmp_path, capsys, tokenize
 def test_verify_every_stage_learns(tmp_path):
     r = _run(str(BIN / "llm-scratch"), "verify", "--out", str(tmp_path / "v"))
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    for stage in ("pretrain", "sft", "dpo"):
-        assert f"verify: dense  {stage:8s} loss" in r.stdout
-    assert "all 3 stage runs finite and falling" in r.stdout
+    for model in ("dense", "moe"):
+        for stage in ("pretrain", "sft", "dpo"):
+            assert f"verify: {model:6s} {stage:8s} loss" in r.stdout
+    assert "all 6 stage runs finite and falling" in r.stdout
 
 
 def test_chat_one_shot_cli(tmp_path, tokenizer_dir):

@@ -87,7 +87,8 @@ def test_expert_parallel_matches_one_process(tmp_path):
 
 def _ep_pretrain_cmd(out, synthetic_dir, tokenizer_dir) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "train.pretrain", "--data", str(synthetic_dir / "pretrain_train.jsonl"), "--tokenizer", str(tokenizer_dir),
+           "-m", "train.pretrain", "--data", str(synthetic_dir / "pretrain_train.jsonl"),
+           "--tokenizer", str(tokenizer_dir),
            "--out", str(out), "--model", "moe", "--preset", "micro", "--expert-parallel-size", "2",
            "--max-steps", "6", "--batch-size", "4", "--seq-len", "64", "--eval-every", "3",
            "--save-every", "3", "--warmup-steps", "2", "--no-progress"]

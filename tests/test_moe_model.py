@@ -101,7 +101,8 @@ def test_absorbed_latent_cache_decoding_matches_full_attention(name):
     assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-4
     c = model.config
     assert cache.c_kv[0].shape == (2, 32, c.kv_lora_rank) and cache.k_rope[0].shape == (2, 32, c.qk_rope_head_dim)
-    assert model.cache_bytes_per_token(torch.bfloat16) == c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 2
+    per_layer = c.kv_lora_rank + c.qk_rope_head_dim
+    assert model.cache_bytes_per_token(torch.bfloat16) == c.num_hidden_layers * per_layer * 2
 
 
 def _gate(**overrides) -> MoEGate:

@@ -26,6 +26,7 @@ PLAN = {
     "sizes": (dict(pretrain_docs=20000, sft=20000, dpo=3000), dict(pretrain_docs=1500, sft=300, dpo=100)),
     "preset": ("nano", "micro"),
     "pretrain_steps": (100, 8),
+    "moe_steps": (100, 8),
     "sft_steps": (1200, 8),
     "dpo_steps": (60, 6),
     "eval_records": (400, 20),
@@ -63,15 +64,18 @@ def _arith3(res: dict) -> str:
 
 
 def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: bool = False) -> dict:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' weight-loading bars would clutter the demo's output
     t_all = time.perf_counter()
     out = Path(out_dir)
     q = 1 if quick else 0
     cfg = {k: v[q] for k, v in PLAN.items()}
     if steps:
         cfg["pretrain_steps"] = steps
-    total = 7
+    total = 8
     print(f"llm-from-scratch demo -> {out.resolve()}")
-    for sub in ("pretrain", "sft", "dpo", "hf"):  # a previous demo's runs: start them again
+    for sub in ("pretrain", "moe", "sft", "dpo", "hf", "moe_hf"):  # a previous demo's runs: start them again
         shutil.rmtree(out / sub, ignore_errors=True)
 
     _say(1, total, "synthesizing the embedded data (stories, arithmetic with reasoning, DPO pairs; held-out splits)")
@@ -106,7 +110,13 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     acc["pretrain"] = _accuracy(out / "pretrain", tok, eval_records)
     _samples(out / "pretrain", tok)
 
-    _say(4, total, f"SFT: chat-formatted reasoning, loss on assistant tokens only, {cfg['sft_steps']} steps")
+    _say(4, total, f"pretraining a DeepSeek-V3-style MoE beside it (MLA + shared and routed experts), preset "
+                   f"{cfg['preset']!r}, {cfg['moe_steps']} steps")
+    t0 = time.perf_counter()
+    moe = _moe_stage(out, paths, tok_dir, cfg, pre)
+    secs["moe"] = time.perf_counter() - t0
+
+    _say(5, total, f"SFT: chat-formatted reasoning, loss on assistant tokens only, {cfg['sft_steps']} steps")
     t0 = time.perf_counter()
     s = cfg["sft_steps"]
     sft = _stage(["sft", "--init", str(out / "pretrain"), "--data", str(paths["sft_train"]),
@@ -120,7 +130,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     print(f"  held-out exact match: addition {_arith(acc['sft'], 'addition')}, "
           f"subtraction {_arith(acc['sft'], 'subtraction')}")
 
-    _say(5, total, f"DPO: correct vs plausible wrong reasoning, beta 0.1, RPO weight 5, {cfg['dpo_steps']} steps")
+    _say(6, total, f"DPO: correct vs plausible wrong reasoning, beta 0.1, RPO weight 5, {cfg['dpo_steps']} steps")
     t0 = time.perf_counter()
     s = cfg["dpo_steps"]
     dpo = _stage(["dpo", "--init", str(out / "sft"), "--data", str(paths["dpo_train"]),
@@ -135,7 +145,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
           f"in {before['eval_prefers_chosen']:.1%} -> {after['eval_prefers_chosen']:.1%} of pairs")
     acc["dpo"] = _accuracy(out / "dpo", tok, eval_records)
 
-    _say(6, total, "chat with the final model (greedy): reasoning shown apart from the answer")
+    _say(7, total, "chat with the final model (greedy): reasoning shown apart from the answer")
     from .chat import ChatSession, Display
 
     session = ChatSession(out / "dpo", think=True, temperature=0.0, max_new_tokens=200)
@@ -147,7 +157,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
         session.reply(question, Display(buf))
         print("    " + buf.getvalue().rstrip().replace("\n", "\n    "))
 
-    _say(7, total, "exporting to transformers and generating there from the same weights")
+    _say(8, total, "exporting to transformers and generating there from the same weights")
     agree, hf_dir = _export_and_compare(out, tok)
 
     print(f"\nheld-out results ({len(eval_records)} questions, greedy, thinking on; "
@@ -165,11 +175,49 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     print("  prefers correct: share of held-out pairs where the model gives the correct answer the higher "
           "log-probability; reward acc and margin: DPO's implicit rewards (zero at the SFT row, where the "
           "policy is the reference)")
-    print(f"\ndemo done in {elapsed:.0f} s (pretrain {secs['pretrain']:.0f} s, SFT {secs['sft']:.0f} s, "
-          f"DPO {secs['dpo']:.0f} s). Outputs under {out}: data/, tokenizer/, pretrain/, sft/, dpo/ "
-          f"(each with metrics.jsonl and loss.png), hf/ (transformers).")
+    print(f"\ndemo done in {elapsed:.0f} s (pretrain {secs['pretrain']:.0f} s, MoE {secs['moe']:.0f} s, "
+          f"SFT {secs['sft']:.0f} s, DPO {secs['dpo']:.0f} s). Outputs under {out}: data/, tokenizer/, pretrain/, "
+          f"moe/, sft/, dpo/ (each with metrics.jsonl and loss.png), hf/ and moe_hf/ (transformers).")
     print(f"Next: llm-scratch chat --checkpoint {out / 'dpo'}")
-    return {"accuracy": acc, "dpo": dpo, "agree": agree, "seconds": elapsed}
+    return {"accuracy": acc, "dpo": dpo, "moe": moe, "agree": agree, "seconds": elapsed}
+
+
+def _moe_stage(out: Path, paths: dict, tok_dir: Path, cfg: dict, dense: dict) -> dict:
+    """Pretrain the MoE model on the dense run's data and schedule; print both held-out losses, the
+    expert load balance as the bias update works, the latent cache size, and transformers parity."""
+    from models import export_hf, load_pretrained
+
+    from .metrics import read_metrics
+
+    s = cfg["moe_steps"]
+    moe = _stage(["pretrain", "--model", "moe", "--data", str(paths["pretrain_train"]),
+                  "--eval-data", str(paths["pretrain_eval"]), "--tokenizer", str(tok_dir), "--out", str(out / "moe"),
+                  "--max-steps", str(s), "--preset", cfg["preset"], "--seq-len", "256", "--batch-size", "16",
+                  "--eval-every", str(max(1, s // 4)), "--save-every", str(s), "--warmup-steps", str(max(1, s // 10)),
+                  "--lr", "3e-3"])
+    print(f"  held-out loss: MoE {moe['eval_before']['eval_loss']:.3f} -> {moe['eval_after']['eval_loss']:.3f} "
+          f"({moe['parameters'] / 1e6:.2f}M parameters), dense {dense['eval_after']['eval_loss']:.3f} "
+          f"({dense['parameters'] / 1e6:.2f}M)")
+    loads = [r["load_max_mean"] for r in read_metrics(out / "moe" / "metrics.jsonl") if "load_max_mean" in r]
+    tenth = max(1, len(loads) // 10)
+    peak = max(sum(loads[i:i + tenth]) / tenth for i in range(len(loads) - tenth + 1))
+    last = sum(loads[-tenth:]) / tenth
+    print(f"  expert load, busiest expert / mean (1.00 = balanced), mean over MoE layers and {tenth} steps: "
+          f"worst {peak:.2f} -> last {last:.2f} (auxiliary-loss-free bias update)")
+    model = load_pretrained(out / "moe").eval()
+    dense_model = load_pretrained(out / "pretrain")
+    dc = dense_model.config
+    gqa = dc.num_hidden_layers * 2 * dc.num_key_value_heads * dc.head_dim * 2
+    print(f"  KV cache per token (bf16): MoE latent {model.cache_bytes_per_token()} bytes vs dense GQA {gqa} bytes")
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = export_hf(out / "moe", out / "moe_hf")
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), attn_implementation="eager").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model(ids).logits - hf(ids).logits).abs().max().item()
+    print(f"  exported as transformers {type(hf).__name__}: max |logit difference| {diff:.1e}")
+    return {**moe, "load_peak": peak, "load_last": last, "hf_max_diff": diff}
 
 
 def _samples(run_dir: Path, tok) -> None:

@@ -1,7 +1,7 @@
 """`llm-scratch verify`: every model through every stage for a few steps on freshly generated tiny
 data, checking that each stage's loss is finite and falls. It runs in CI.
 
-Models: dense (the MoE model and the VLM join as they land). Stages: pretrain, SFT, DPO.
+Models: dense and MoE (the VLM joins when it lands). Stages: pretrain, SFT, DPO.
 "Falls": the mean of the last three logged training losses is below the first one.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import UserError
 from .metrics import read_metrics
 
-MODELS = ("dense",)
+MODELS = ("dense", "moe")
 STEPS = 15
 
 

@@ -1,0 +1,1 @@
+from kernel_testing import poisoned  # noqa: F401  (fixture)
