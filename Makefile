@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llm-scratch-installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench gpu-wheels install clean
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -p no:cacheprovider --benchmark-json=.benchmarks/cpu.json
 	$(BIN)/python -m benchmarks.report .benchmarks/cpu.json
 	$(BIN)/python -m benchmarks.deepspeed_steps
+
+# Pure-Python wheels the GPU machine (no network, Python 3.12) may lack, for benchmarks/gpu_suite.sh.
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--dest .cache/wheels liger-kernel pytest pluggy iniconfig packaging pygments
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache .benchmarks .cache

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The one prepared GPU run (shared docs, KERNELS.md): the kernel tests on CUDA with bf16 added, then the
+# kernel benchmark table (benchmarks/results/DATE-DEVICE-kernels.md). Under 8 minutes on an H200.
+#
+#   bash benchmarks/gpu_suite.sh            # from the repository root, on the GPU machine
+#
+# The GPU image has torch, triton and transformers but no network: pure-Python wheels it may lack
+# (pytest, liger-kernel for the baseline) are taken from .cache/wheels, filled here by `make gpu-wheels`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+WHEELS=.cache/wheels
+OUT=${OUT:-benchmarks/results}
+
+have() { "$PY" -c "import $1" 2>/dev/null; }
+if ! have pytest; then "$PY" -m pip install -q --no-index --find-links "$WHEELS" pytest; fi
+if ! have liger_kernel && compgen -G "$WHEELS/liger_kernel-*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-deps "$WHEELS"/liger_kernel-*.whl || echo "liger-kernel: not installable here"
+fi
+export TRITON_INTERPRET=0  # compiled kernels on the GPU (the tests' conftest only sets it when unset)
+"$PY" - <<'PY'
+import torch, triton
+print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+PY
+start=$(date +%s)
+timeout 240 "$PY" -m pytest tests/kernels -q -p no:cacheprovider -x
+echo "kernel tests: $(( $(date +%s) - start )) s"
+timeout 300 "$PY" -m benchmarks.kernels --out "$OUT"
+echo "suite: $(( $(date +%s) - start )) s"
