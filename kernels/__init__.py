@@ -16,12 +16,14 @@ from .moe_dispatch import grouped_mlp_reference, moe_combine, moe_experts_refere
 from .rms_norm import rms_norm_reference, rms_norm_triton
 from .rope import LAYOUTS, apply_rope_reference, apply_rope_triton
 from .swiglu import swiglu_reference, swiglu_triton
+from .transformers_patch import apply_to_transformers
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "LAYOUTS",
     "apply_rope",
+    "apply_to_transformers",
     "check_backend",
     "grouped_mlp",
     "mla_attention",

@@ -45,3 +45,39 @@ def test_backend_triton_really_runs_the_kernels(monkeypatch):
     model = DenseLM(make_config("dense", "micro", vocab_size=64, kernel_backend="triton"))
     model(torch.randint(0, 64, (1, 5)))
     assert set(called) == {"rms_norm", "swiglu", "apply_rope"}
+
+
+def test_apply_to_transformers_keeps_qwen2_logits_and_gradients(monkeypatch):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import kernels
+
+    called = set()
+    for op, fn in list(kernels._TRITON_OPS.items()):
+        monkeypatch.setitem(kernels._TRITON_OPS, op, lambda *a, _fn=fn, _op=op: called.add(_op) or _fn(*a))
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    plain = Qwen2ForCausalLM(cfg)
+    patched = Qwen2ForCausalLM(cfg)
+    patched.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 101, (2, 11))
+    ref = plain(ids, labels=ids)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in plain.named_parameters()}
+    import transformers.models.qwen2.modeling_qwen2 as modeling
+
+    original_rope = modeling.apply_rotary_pos_emb
+    try:
+        counts = kernels.apply_to_transformers(patched, backend="triton")
+        assert counts == {"rms_norm": 2 * 2 + 1, "swiglu": 2, "rope": 1}
+        out = patched(ids, labels=ids)
+        out.loss.backward()
+    finally:
+        modeling.apply_rotary_pos_emb = original_rope
+    assert called == {"rms_norm", "swiglu", "apply_rope"}  # the kernels really ran
+    assert rel_err(out.logits, ref.logits) < TOL
+    for name, p in patched.named_parameters():
+        assert rel_err(p.grad, ref_grads[name]) < TOL, name
