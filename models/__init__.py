@@ -5,6 +5,7 @@ from .config import (
     ConfigError,
     DenseConfig,
     MoEConfig,
+    VLMConfig,
     config_from_dict,
     load_config,
     make_config,
@@ -15,6 +16,7 @@ from .hf import export_hf, import_hf, load_pretrained, resolve_checkpoint
 from .io import CheckpointError, build_model, load_model, save_model
 from .moe import MoELM
 from .output import ModelOutput
+from .vlm import VLM
 
 __all__ = [
     "IGNORE_INDEX",
@@ -26,6 +28,8 @@ __all__ = [
     "MoEConfig",
     "MoELM",
     "ModelOutput",
+    "VLM",
+    "VLMConfig",
     "build_model",
     "config_from_dict",
     "export_hf",

@@ -174,7 +174,84 @@ class MoEConfig:
         return {"model_type": self.model_type, **dataclasses.asdict(self)}
 
 
-CONFIG_CLASSES: dict[str, type] = {"dense": DenseConfig, "moe": MoEConfig}
+@dataclass
+class VLMConfig:
+    """A ViT encoder (SigLIP's block layout and names) and a 2-layer GELU projector in front of the dense
+    model, whose own config is `text_config` (a DenseConfig as a dict). The image is cut into
+    (image_size / patch_size)^2 patches; with `pixel_shuffle` r > 1 each r x r block of patch features
+    becomes one token (r^2 fewer image tokens, r^2 times wider into the projector)."""
+
+    model_type: typing.ClassVar[str] = "vlm"
+
+    text_config: dict = dataclasses.field(default_factory=dict)
+    image_size: int = 32
+    patch_size: int = 8
+    num_channels: int = 3
+    vision_hidden_size: int = 64
+    vision_intermediate_size: int = 128
+    vision_num_layers: int = 2
+    vision_num_heads: int = 4
+    vision_layer_norm_eps: float = 1e-6
+    pixel_shuffle: int = 1
+    image_token_id: int = 5  # <|image|> in our tokenizer
+    image_mean: float = 0.5  # per channel, as SigLIP's processor: (pixel / 255 - mean) / std
+    image_std: float = 0.5
+    kernel_backend: str = "auto"
+
+    @property
+    def text(self) -> DenseConfig:
+        return config_from_dict({"model_type": "dense", **{k: v for k, v in self.text_config.items()
+                                                           if k != "model_type"}}, where="text_config: ")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text.hidden_size
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.text.max_position_embeddings
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return self.text.tie_word_embeddings
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.grid // self.pixel_shuffle) ** 2
+
+    def validate(self) -> VLMConfig:
+        self.text  # noqa: B018 - validates the text config, naming its fields
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
+                raise ConfigError(f"field '{f.name}' must be positive, got {v}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"field 'image_size' ({self.image_size}) must be a multiple of 'patch_size' "
+                              f"({self.patch_size})")
+        if self.grid % self.pixel_shuffle:
+            raise ConfigError(f"field 'pixel_shuffle' ({self.pixel_shuffle}) must divide the patch grid ({self.grid})")
+        if self.vision_hidden_size % self.vision_num_heads:
+            raise ConfigError(f"field 'vision_hidden_size' ({self.vision_hidden_size}) must be divisible by "
+                              f"'vision_num_heads' ({self.vision_num_heads})")
+        try:
+            check_backend(self.kernel_backend)
+        except ValueError as e:
+            raise ConfigError(f"field 'kernel_backend': {e}") from None
+        return self
+
+    def to_dict(self) -> dict:
+        return {"model_type": self.model_type, **dataclasses.asdict(self)}
+
+
+CONFIG_CLASSES: dict[str, type] = {"dense": DenseConfig, "moe": MoEConfig, "vlm": VLMConfig}
 
 PRESETS: dict[str, dict[str, dict]] = {
     "dense": {
@@ -215,6 +292,15 @@ PRESETS: dict[str, dict[str, dict]] = {
                       num_attention_heads=8, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64,
                       qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32, num_experts_per_tok=6, n_group=4,
                       topk_group=2, routed_scaling_factor=2.5, max_position_embeddings=2048),
+    },
+    # vision side only; the text side comes from the dense model the VLM starts from
+    "vlm": {
+        "micro": dict(image_size=32, patch_size=8, vision_hidden_size=32, vision_intermediate_size=64,
+                      vision_num_layers=1, vision_num_heads=2),
+        "nano": dict(image_size=32, patch_size=8, vision_hidden_size=64, vision_intermediate_size=128,
+                     vision_num_layers=2, vision_num_heads=4),
+        "small": dict(image_size=224, patch_size=16, vision_hidden_size=384, vision_intermediate_size=1536,
+                      vision_num_layers=12, vision_num_heads=6, pixel_shuffle=2),
     },
 }
 

@@ -56,9 +56,11 @@ def generate(
     pad_id: int = 0,
     generator: torch.Generator | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    pixel_values: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (stop token included when reached). temperature 0 means greedy.
-    on_token(batch_index, token_id) is called as each token is produced."""
+    on_token(batch_index, token_id) is called as each token is produced. pixel_values (a VLM): the
+    prompts' images, in prompt order, used by the prefill."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
@@ -74,7 +76,9 @@ def generate(
     done = torch.zeros(b, dtype=torch.bool, device=device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     padded = bool((mask == 0).any())
-    logits = model(ids, attention_mask=mask if padded else None, position_ids=positions, kv_cache=cache).logits
+    extra = {"pixel_values": pixel_values.to(device)} if pixel_values is not None else {}
+    logits = model(ids, attention_mask=mask if padded else None, position_ids=positions, kv_cache=cache,
+                   **extra).logits
     context = ids  # prompt (padding included: pad_id is never a real token) and tokens so far
     for _ in range(max_len - t):
         next_logits = logits[:, -1, :].float()

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .config import DenseConfig, MoEConfig
+from .config import DenseConfig, MoEConfig, VLMConfig
 from .hf_deepseek import config_from_deepseek_v3, deepseek_v3_config, from_deepseek_state, to_deepseek_state
+from .hf_llava import from_llava_state, llava_config, to_llava_state, vlm_config_from_llava
 from .io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -71,21 +72,35 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     special = _special_ids(src)
     state = model.state_dict()
     if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)  # stored once (a VLM's LLaVA export handles its own)
     if isinstance(model.config, DenseConfig):
         _qwen2_config(model.config, special).save_pretrained(out)
     elif isinstance(model.config, MoEConfig):
         deepseek_v3_config(model.config, special).save_pretrained(out)
         state = to_deepseek_state(state, model.config)
+    elif isinstance(model.config, VLMConfig):
+        _save_llava(model, special, out)
+        state = None
     else:
         raise CheckpointError(f"{src}: export of model type {model.config.model_type!r} is not supported")
-    save_weights({k: v.contiguous() for k, v in state.items()}, out / WEIGHTS_FILE)
+    if state is not None:
+        save_weights({k: v.contiguous() for k, v in state.items()}, out / WEIGHTS_FILE)
     if (src / "tokenizer.json").exists():
         copy_tokenizer_files(src, out)
     eos = [special[t] for t in ("<|im_end|>", "<|endoftext|>") if t in special]
     gen = {"eos_token_id": eos, "pad_token_id": special.get("<|pad|>"), "do_sample": False}
     atomic_write(out / "generation_config.json", lambda tmp: tmp.write_text(json.dumps(gen, indent=2) + "\n"))
     return out
+
+
+def _save_llava(model, special: dict[str, int], out: Path) -> None:
+    """LLaVA through transformers' own save (its on-disk names), after a strict load of our weights."""
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = llava_config(model.config, _qwen2_config(model.config.text, special))
+    hf = LlavaForConditionalGeneration(cfg)
+    hf.load_state_dict(to_llava_state(model.state_dict(), model.config), strict=True)
+    hf.save_pretrained(out)
 
 
 def _rope_theta(hf_config) -> float:
@@ -125,20 +140,42 @@ def import_hf(hf_dir: str | Path) -> torch.nn.Module:
         model = build_model(config)
         load_state_strict(model, from_deepseek_state(_read_hf_weights(d), config), str(d))
         return model
+    if hf.model_type == "llava":
+        return _import_llava(d, hf)
     if hf.model_type != "qwen2":
         raise CheckpointError(f"{d / 'config.json'}: model_type {hf.model_type!r} is not supported "
-                              "(expected 'qwen2' or 'deepseek_v3')")
+                              "(expected 'qwen2', 'deepseek_v3' or 'llava')")
+    config = _dense_config_from_qwen2(hf, str(d / "config.json"))
+    model = build_model(config)
+    load_state_strict(model, _read_hf_weights(d), str(d))
+    return model
+
+
+def _dense_config_from_qwen2(hf, where: str) -> DenseConfig:
     if getattr(hf, "use_sliding_window", False):
-        raise CheckpointError(f"{d / 'config.json'}: sliding-window attention is not supported")
+        raise CheckpointError(f"{where}: sliding-window attention is not supported")
     if hf.hidden_act != "silu":
-        raise CheckpointError(f"{d / 'config.json'}: hidden_act {hf.hidden_act!r} is not supported (expected 'silu')")
+        raise CheckpointError(f"{where}: hidden_act {hf.hidden_act!r} is not supported (expected 'silu')")
     fields = {f: getattr(hf, f) for f in QWEN2_SHARED_FIELDS}
     fields["tie_word_embeddings"] = bool(fields["tie_word_embeddings"])
     config = DenseConfig(**fields, rope_theta=_rope_theta(hf)).validate()
     if getattr(hf, "head_dim", None) not in (None, config.head_dim):
-        raise CheckpointError(f"{d / 'config.json'}: head_dim {hf.head_dim} != hidden_size/num_attention_heads")
+        raise CheckpointError(f"{where}: head_dim {hf.head_dim} != hidden_size/num_attention_heads")
+    return config
+
+
+def _import_llava(d: Path, hf) -> torch.nn.Module:
+    from transformers import LlavaForConditionalGeneration
+
+    where = str(d / "config.json")
+    if hf.text_config.model_type != "qwen2":
+        raise CheckpointError(f"{where}: LLaVA's language model must be qwen2, got {hf.text_config.model_type!r}")
+    text = _dense_config_from_qwen2(hf.text_config, where)
+    text.tie_word_embeddings = bool(getattr(hf, "tie_word_embeddings", text.tie_word_embeddings))
+    config = vlm_config_from_llava(hf, text.to_dict())
+    state = LlavaForConditionalGeneration.from_pretrained(str(d)).state_dict()
     model = build_model(config)
-    load_state_strict(model, _read_hf_weights(d), str(d))
+    load_state_strict(model, from_llava_state(state), str(d))
     return model
 
 

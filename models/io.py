@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 from .config import CONFIG_CLASSES, ConfigError, load_config, save_config
 from .dense import DenseLM
 from .moe import MoELM
+from .vlm import VLM
 
-MODEL_CLASSES: dict[str, type] = {"dense": DenseLM, "moe": MoELM}
+MODEL_CLASSES: dict[str, type] = {"dense": DenseLM, "moe": MoELM, "vlm": VLM}
 CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = (
@@ -65,7 +66,7 @@ def write_model_files(state: dict[str, torch.Tensor], config, out_dir: str | Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if getattr(config, "tie_word_embeddings", False):
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
     save_weights({k: v.detach().contiguous().cpu() for k, v in state.items()}, out / WEIGHTS_FILE)
     atomic_write(out / CONFIG_FILE, lambda tmp: save_config(config, tmp))
     if tokenizer_dir is not None:
@@ -94,8 +95,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     expected = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-        expected.pop("lm_head.weight", None)
+        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
+        expected = {k: v for k, v in expected.items() if not k.endswith("lm_head.weight")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

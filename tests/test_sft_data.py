@@ -48,10 +48,15 @@ def test_mask_boundary_without_thinking_and_system(tokenizer):
     ids, mask = _split(tokenizer, NO_THINK)
     assert _decode_runs(tokenizer, ids, mask) == [
         (False, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
-                "<|im_start|>assistant\n"),
-        (True, "<think>\n\n</think>\n\nHello!<|im_end|>"),
+                "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+        (True, "Hello!<|im_end|>"),
         (False, "\n"),
     ]
+    # the empty think block is the prompt that `--no-think` pre-fills: generation continues from there
+    prefilled = tokenizer.apply_chat_template(NO_THINK[:-1], tokenize=False, add_generation_prompt=True,
+                                              enable_thinking=False)
+    untrained_prefix = _decode_runs(tokenizer, ids, mask)[0][1]
+    assert untrained_prefix == prefilled
 
 
 def test_multi_turn_trains_every_assistant_turn(tokenizer):
@@ -59,7 +64,7 @@ def test_multi_turn_trains_every_assistant_turn(tokenizer):
     ids, mask = _split(tokenizer, conv)
     trained = [text for m, text in _decode_runs(tokenizer, ids, mask) if m]
     # the first turn is rendered without its reasoning (it is not the last turn any more)
-    assert trained == ["2 + 3 = 5<|im_end|>", "<think>\n\n</think>\n\n8<|im_end|>"]
+    assert trained == ["2 + 3 = 5<|im_end|>", "8<|im_end|>"]
 
 
 def test_targets_are_the_next_trained_token(tokenizer):

@@ -53,9 +53,22 @@ def test_column_arithmetic_is_right_and_the_wrong_variant_is_wrong(seed):
 
 def test_reasoning_shows_carries_and_borrows():
     _, r, _, _ = synthetic.arithmetic_problem(347, 586, "+")
-    assert "ones: 7 + 6 = 13, write 3, carry 1" in r and "tens: 4 + 8 + 1 = 13, write 3, carry 1" in r
+    assert "ones: 7 + 6 = 13, write 3, carry 1" in r and "tens: 4 + 8 = 12, 12 + 1 = 13, write 3, carry 1" in r
     _, r, _, v = synthetic.arithmetic_problem(1203, 587, "-")
-    assert v == 616 and "ones: 3 < 7, borrow: 13 - 7 = 6" in r and "tens: 0 - 1 = -1, -1 < 8, borrow: 9 - 8 = 1" in r
+    assert v == 616 and "ones: 3 and 7: 3 < 7, borrow: 13 - 7 = 6" in r
+    assert "tens: 0 and 8: 0 - 1 = -1, -1 < 8, borrow: 9 - 8 = 1" in r
+    assert r.startswith("Compare 1203 and 587: 1203 has 4 digits, 587 has 3 digits, so 1203 is larger.\n")
+    _, r, _, v = synthetic.arithmetic_problem(481, 487, "-")
+    assert r.endswith("From the highest place: hundreds 0, tens 0, ones 6.\nSo the result is -6.")
+    assert v == -6 and r.startswith("Compare 481 and 487: both have 3 digits; hundreds 4 = 4, tens 8 = 8, "
+                                    "ones 1 < 7, so 487 is larger.\n481 is smaller, so the result is negative.")
+
+
+@pytest.mark.parametrize("a,b", [(5, 5), (0, 7), (120, 102), (999, 1000), (4567, 4576)])
+def test_compare_steps_names_the_larger(a, b):
+    text, larger = synthetic.compare_steps(a, b)
+    assert larger == max(a, b)
+    assert text.endswith("so they are equal." if a == b else f"so {larger} is larger.")
 
 
 def test_sft_assistant_turns_reason_then_answer(synthetic_dir):

@@ -15,9 +15,11 @@ from models import load_pretrained
 from models.generate import generate
 from models.think import ThinkParser
 
+from .chat_data import encode_prompt
 from .errors import UserError
 from .sampling import check_vocab, tokenizer_dir_for
-from .tokenizer import ENDOFTEXT, IM_END, PAD, load_tokenizer
+from .stage import vision_inputs
+from .tokenizer import ENDOFTEXT, IM_END, IMAGE, PAD, load_tokenizer
 
 DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
 
@@ -64,8 +66,16 @@ class Display:
 
 
 class ChatSession:
-    def __init__(self, checkpoint, think: bool = True, system: str | None = None, **sampling):
+    """A conversation with a model. With `image` (a VLM) the first user turn of the conversation (again
+    after /reset) shows the image: its text gets the <|image|> placeholder in front."""
+
+    def __init__(self, checkpoint, think: bool = True, system: str | None = None, image: str | None = None,
+                 **sampling):
         self.model = load_pretrained(checkpoint).eval()
+        self.image_tokens, loader = vision_inputs(self.model)
+        if image is not None and loader is None:
+            raise UserError(f"--image: {checkpoint} is a {self.model.config.model_type} model, not a VLM")
+        self.pixel_values = loader([image]) if image is not None else None
         self.tokenizer = load_tokenizer(tokenizer_dir_for(checkpoint))
         check_vocab(self.tokenizer, self.model, checkpoint)
         self.seed = sampling.pop("seed", 0)
@@ -76,10 +86,11 @@ class ChatSession:
 
     def reply(self, user_text: str, display: Display | None = None) -> tuple[str, str]:
         """(reasoning, answer) for the next user turn; the turn and the reply join the history."""
+        first_user = not any(m["role"] == "user" for m in self.messages)
+        if self.pixel_values is not None and first_user:
+            user_text = f"{IMAGE}\n{user_text}"
         self.messages.append({"role": "user", "content": user_text})
-        prompt = self.tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True,
-                                                    enable_thinking=self.think)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = encode_prompt(self.tokenizer, self.messages, self.think, self.image_tokens)
         limit = self.model.config.max_position_embeddings
         if len(ids) >= limit:
             self.messages.pop()
@@ -94,7 +105,7 @@ class ChatSession:
                     display.piece(kind, text)
 
         generate(self.model, [ids], stop_ids=self.stop, pad_id=self.pad, on_token=on_token,
-                 generator=torch.Generator().manual_seed(self.seed), **self.sampling)
+                 generator=torch.Generator().manual_seed(self.seed), pixel_values=self.pixel_values, **self.sampling)
         for kind, text in parser.finish():
             if display:
                 display.piece(kind, text)
@@ -108,7 +119,8 @@ class ChatSession:
 
 
 def run_chat(ns) -> None:
-    session = ChatSession(ns.checkpoint, think=ns.think, system=ns.system, max_new_tokens=ns.max_new_tokens,
+    session = ChatSession(ns.checkpoint, think=ns.think, system=ns.system, image=ns.image,
+                          max_new_tokens=ns.max_new_tokens,
                           temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
                           repetition_penalty=ns.repetition_penalty, seed=ns.seed)
     display = Display()

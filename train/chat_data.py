@@ -4,9 +4,11 @@ loss masks, padding and packing.
 Loss mask (SFT): a token is trained on when it belongs to an assistant turn's content, i.e. it starts
 after that turn's "<|im_start|>assistant\\n" and ends at (and includes) its "<|im_end|>": the <think>
 block, the answer and <|im_end|>. System and user turns, the role headers, the "\\n" after
-<|im_end|> and padding are never trained on. Every assistant turn of a multi-turn conversation is
-trained, rendered as the template renders the whole conversation (earlier turns without their
-reasoning, the last with it).
+<|im_end|> and padding are never trained on. A turn with thinking off (an empty think block) is
+trained from its answer on: the empty block is what the template pre-fills for `enable_thinking=False`,
+so it belongs to the prompt, and a model in think mode never learns to skip its reasoning. Every
+assistant turn of a multi-turn conversation is trained, rendered as the template renders the whole
+conversation (earlier turns without their reasoning, the last with it).
 
 Truncation policy: a conversation longer than the row length keeps its beginning; one whose first
 assistant token falls beyond the limit has nothing to learn from and is dropped, and the number
@@ -23,18 +25,25 @@ import torch
 
 from models import IGNORE_INDEX
 
+from .errors import UserError
+from .tokenizer import IMAGE
+
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 END = "<|im_end|>"
+EMPTY_THINK = "<think>\n\n</think>\n\n"  # what the template pre-fills when thinking is off
 
 
 def assistant_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans [start, end) of each assistant turn's content, <|im_end|> included."""
+    """Character spans [start, end) of each assistant turn's trained content, <|im_end|> included (an
+    empty think block is left out)."""
     spans, pos = [], 0
     while True:
         i = text.find(ASSISTANT_HEADER, pos)
         if i < 0:
             return spans
         start = i + len(ASSISTANT_HEADER)
+        if text.startswith(EMPTY_THINK, start):
+            start += len(EMPTY_THINK)
         j = text.find(END, start)
         end = len(text) if j < 0 else j + len(END)
         spans.append((start, end))
@@ -57,22 +66,59 @@ def render_conversation(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
+def encode_prompt(tokenizer, messages: list[dict], think: bool, image_tokens: int = 0) -> list[int]:
+    """Token ids of a conversation with the generation prompt opened (for generation); with
+    `image_tokens` (a VLM) each <|image|> placeholder expanded to that many image tokens."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=think)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if image_tokens:
+        ids, _ = expand_image_tokens(ids, [False] * len(ids), tokenizer.convert_tokens_to_ids(IMAGE), image_tokens)
+    return ids
+
+
 @dataclass
 class SFTExample:
     ids: np.ndarray  # int32 tokens
     trained: np.ndarray  # bool, per token: in the loss
+    images: tuple = ()  # image paths, one per expanded <|image|> run, in order
 
 
-def build_sft_examples(tokenizer, conversations: list[list[dict]], max_len: int) -> tuple[list[SFTExample], int]:
-    """(examples, number dropped because no assistant token fits in max_len + 1 tokens)."""
+def expand_image_tokens(ids: list[int], mask: list[bool], image_id: int, n: int) -> tuple[list[int], list[bool]]:
+    """Each <|image|> placeholder becomes n image tokens (the slots of the image's features)."""
+    out_ids, out_mask = [], []
+    for i, m in zip(ids, mask):
+        k = n if i == image_id else 1
+        out_ids.extend([i] * k)
+        out_mask.extend([m and i != image_id] * k)
+    return out_ids, out_mask
+
+
+def _check_images(images, image_tokens: int, where: str) -> None:
+    if images and not image_tokens:
+        raise UserError(f"{where}: the record has images but the model is not a VLM")
+
+
+def _images_fit(ids, image_id: int, n_images: int, image_tokens: int) -> bool:
+    return n_images == 0 or sum(1 for i in ids if i == image_id) == n_images * image_tokens
+
+
+def build_sft_examples(tokenizer, conversations: list[list[dict]], max_len: int,
+                       image_tokens: int = 0) -> tuple[list[SFTExample], int]:
+    """(examples, number dropped because no assistant token, or not every image token, fits in
+    max_len + 1 tokens). With `image_tokens` (a VLM) each <|image|> expands to that many tokens."""
     out, dropped = [], 0
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
     for conv in conversations:
+        images = tuple(getattr(conv, "images", ()))
+        _check_images(images, image_tokens, getattr(conv, "where", "a conversation"))
         ids, mask = encode_with_mask(tokenizer, render_conversation(tokenizer, conv))
+        if image_tokens:
+            ids, mask = expand_image_tokens(ids, mask, image_id, image_tokens)
         ids, mask = ids[: max_len + 1], mask[: max_len + 1]
-        if not any(mask[1:]):
+        if not any(mask[1:]) or not _images_fit(ids, image_id, len(images), image_tokens):
             dropped += 1
             continue
-        out.append(SFTExample(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)))
+        out.append(SFTExample(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool), images))
     return out, dropped
 
 
@@ -85,24 +131,30 @@ def _row(ids: np.ndarray, trained: np.ndarray) -> dict[str, torch.Tensor]:
 
 
 class SFTDataset:
-    """One conversation per row (padded per batch by `pad_collate`)."""
+    """One conversation per row (padded per batch by `pad_collate`). With an image loader (a VLM) every
+    row carries its images as `pixel_values` [n, 3, H, W] (n may be 0)."""
 
-    def __init__(self, examples: list[SFTExample]):
+    def __init__(self, examples: list[SFTExample], image_loader=None):
         self.examples = examples
+        self.image_loader = image_loader
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         e = self.examples[i]
-        return _row(e.ids, e.trained)
+        row = _row(e.ids, e.trained)
+        if self.image_loader is not None:
+            row["pixel_values"] = self.image_loader(e.images)
+        return row
 
 
 class PackedSFTDataset:
     """Conversations packed greedily (in order) into rows of seq_len + 1 tokens; segment ids keep
     them from attending to each other and positions restart for each. Padding fills the rest."""
 
-    def __init__(self, examples: list[SFTExample], seq_len: int, pad_id: int):
+    def __init__(self, examples: list[SFTExample], seq_len: int, pad_id: int, image_loader=None):
+        self.image_loader = image_loader
         self.rows: list[list[SFTExample]] = []
         current, used = [], 0
         for e in examples:
@@ -136,6 +188,8 @@ class PackedSFTDataset:
         row = _row(ids, trained)
         row["segment_ids"] = torch.from_numpy(seg[:-1])
         row["position_ids"] = torch.from_numpy(pos[:-1])
+        if self.image_loader is not None:
+            row["pixel_values"] = self.image_loader([p for e in self.rows[i] for p in e.images])
         return row
 
 
@@ -153,6 +207,8 @@ def pad_collate(pad_id: int):
             for i, r in enumerate(rows):
                 t[i, : len(r[key])] = r[key]
             out[key] = t
+        if "pixel_values" in rows[0]:  # images in row-major order, as the VLM fills its image tokens
+            out["pixel_values"] = torch.cat([r["pixel_values"] for r in rows])
         return out
 
     return collate
@@ -165,23 +221,30 @@ class DPOExample:
     prompt: np.ndarray  # int32 tokens of the rendered prompt, generation header included
     chosen: np.ndarray  # completion tokens, <|im_end|> included
     rejected: np.ndarray
+    images: tuple = ()
 
 
-def build_dpo_examples(tokenizer, pairs: list[dict], max_len: int) -> tuple[list[DPOExample], int]:
+def build_dpo_examples(tokenizer, pairs: list[dict], max_len: int,
+                       image_tokens: int = 0) -> tuple[list[DPOExample], int]:
     """Prompt rendered with the generation prompt (thinking on: the completion carries its own
     <think> block), completions followed by <|im_end|>. Truncation keeps the prompt and cuts the
     completion's end; a pair whose prompt leaves no room for a completion token is dropped."""
     out, dropped = [], 0
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
     for pair in pairs:
+        images = tuple(pair.get("images", ()))
+        _check_images(images, image_tokens, pair.get("where", "a pair"))
         prompt = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=False)
         p = tokenizer.encode(prompt, add_special_tokens=False)
+        if image_tokens:
+            p, _ = expand_image_tokens(p, [False] * len(p), image_id, image_tokens)
         room = max_len + 1 - len(p)
         if room < 1:
             dropped += 1
             continue
         c = tokenizer.encode(pair["chosen"] + END, add_special_tokens=False)[:room]
         r = tokenizer.encode(pair["rejected"] + END, add_special_tokens=False)[:room]
-        out.append(DPOExample(*(np.asarray(x, dtype=np.int32) for x in (p, c, r))))
+        out.append(DPOExample(*(np.asarray(x, dtype=np.int32) for x in (p, c, r)), images))
     return out, dropped
 
 
@@ -189,8 +252,9 @@ class DPODataset:
     """Rows hold both sequences of a pair; targets cover the completion only. `ref` (filled by the
     DPO stage when reference log-probs are precomputed) is an [N, 2] array of (chosen, rejected)."""
 
-    def __init__(self, examples: list[DPOExample]):
+    def __init__(self, examples: list[DPOExample], image_loader=None):
         self.examples = examples
+        self.image_loader = image_loader
         self.ref: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -207,6 +271,8 @@ class DPODataset:
             row[f"{name}_input_ids"], row[f"{name}_targets"] = r["input_ids"], r["targets"]
         if self.ref is not None:
             row["ref_logps"] = torch.from_numpy(self.ref[i])
+        if self.image_loader is not None:
+            row["pixel_values"] = self.image_loader(e.images)
         return row
 
 
@@ -219,6 +285,8 @@ def dpo_collate(pad_id: int):
                 for k in ("chosen", "rejected") for r in rows]
         batch = pad(seqs)
         batch["index"] = torch.stack([r["index"] for r in rows])
+        if "pixel_values" in rows[0]:  # the chosen rows' images, then the rejected rows' (the same prompts)
+            batch["pixel_values"] = torch.cat([r["pixel_values"] for r in rows] * 2)
         if "ref_logps" in rows[0]:
             batch["ref_logps"] = torch.stack([r["ref_logps"] for r in rows])
         return batch

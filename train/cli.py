@@ -43,6 +43,11 @@ def cmd_data(ns) -> None:
     from .synthetic import generate
 
     paths = generate(ns.out, seed=ns.seed, pretrain_docs=ns.pretrain_docs, sft=ns.sft, dpo=ns.dpo)
+    if ns.images:
+        from .synthetic_images import generate_images
+
+        paths.update(generate_images(ns.out, seed=ns.seed, train=ns.images, held_out=max(1, ns.images // 10),
+                                     size=ns.image_size))
     for name, p in paths.items():
         print(f"{name:15s} {p}")
 
@@ -110,7 +115,7 @@ def cmd_demo(ns) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import pretrain
+    from . import pretrain, vlm
 
     p = argparse.ArgumentParser(prog="llm-scratch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,7 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pretrain-docs", type=int, default=20000)
     s.add_argument("--sft", type=int, default=4000)
     s.add_argument("--dpo", type=int, default=2000)
+    s.add_argument("--images", type=int, default=0, help="also this many VLM training images (+10%% held out)")
+    s.add_argument("--image-size", type=int, default=32)
     s.set_defaults(fn=cmd_data)
+
+    s = sub.add_parser("vlm-init", help="a VLM from a dense model and a fresh vision tower")
+    vlm.build_parser(s)
+    s.set_defaults(fn=lambda ns: vlm.run(ns))
 
     s = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer")
     s.add_argument("--data", nargs="+", required=True, metavar="FILE")
@@ -151,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-think", dest="think", action="store_false", help="answer directly (empty think block)")
     s.add_argument("--prompt", help="one message, answered once (no REPL)")
     s.add_argument("--system", help="a system message")
+    s.add_argument("--image", metavar="FILE", help="a VLM: an image the conversation is about")
     s.add_argument("--max-new-tokens", type=int, default=512)
     s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (deterministic)")
     s.add_argument("--top-k", type=int, default=50)

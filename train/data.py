@@ -80,20 +80,47 @@ def iter_pretrain_texts(path: str | Path) -> Iterator[str]:
         yield text
 
 
-def load_sft(path: str | Path) -> list[list[dict]]:
-    """Conversations; each must contain at least one assistant turn."""
-    convs = []
-    for lineno, rec in read_jsonl(path):
-        where = f"{path}:{lineno}"
-        msgs = _messages(rec.get("messages"), where, "messages")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise DataError(f"{where}: field 'messages' has no assistant turn to learn from")
-        convs.append(msgs)
-    return convs
+IMAGE_PLACEHOLDER = "<|image|>"
+
+
+class Conversation(list):
+    """A list of messages that may carry images (paths, in placeholder order) and where it came from."""
+
+    def __init__(self, messages, images=(), where: str = ""):
+        super().__init__(messages)
+        self.images: list[Path] = list(images)
+        self.where = where
+
+
+def _images(rec: dict, path: Path, where: str, texts: list[str]) -> list[Path]:
+    """The record's 'images' (paths relative to the jsonl file), checked against its placeholders."""
+    images = rec.get("images", [])
+    if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+        raise DataError(f"{where}: field 'images' must be a list of file paths")
+    placeholders = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
+    if placeholders != len(images):
+        raise DataError(f"{where}: {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
+    resolved = [(Path(path).parent / x) for x in images]
+    for i, p in enumerate(resolved):
+        if not p.is_file():
+            raise DataError(f"{where}: images[{i}]: no such file {p}")
+    return resolved
+
+
+def sft_record(rec: dict, path: str | Path, where: str, need_assistant: bool = True) -> Conversation:
+    msgs = _messages(rec.get("messages"), where, "messages")
+    if need_assistant and not any(m["role"] == "assistant" for m in msgs):
+        raise DataError(f"{where}: field 'messages' has no assistant turn to learn from")
+    return Conversation(msgs, _images(rec, Path(path), where, [m["content"] for m in msgs]), where)
+
+
+def load_sft(path: str | Path) -> list[Conversation]:
+    """Conversations; each must contain at least one assistant turn. VLM records add 'images'."""
+    return [sft_record(rec, path, f"{path}:{lineno}") for lineno, rec in read_jsonl(path)]
 
 
 def load_dpo(path: str | Path) -> list[dict]:
-    """Pairs as {'prompt': [messages], 'chosen': str, 'rejected': str}."""
+    """Pairs as {'prompt': [messages], 'chosen': str, 'rejected': str, 'images': [paths], 'where': str}."""
     pairs = []
     for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
@@ -116,6 +143,9 @@ def load_dpo(path: str | Path) -> list[dict]:
             elif not isinstance(v, str):
                 raise DataError(f"{where}: field '{k}' must be a string or a list of messages")
             pair[k] = v
+        texts = [m["content"] for m in prompt]
+        pair["images"] = _images(rec, Path(path), where, texts)
+        pair["where"] = where
         pairs.append(pair)
     return pairs
 

@@ -30,6 +30,12 @@ PLAN = {
     "sft_steps": (1200, 8),
     "dpo_steps": (60, 6),
     "eval_records": (400, 20),
+    "vlm_images": (3000, 48),
+    "vlm_eval_images": (100, 6),
+    "vlm_preset": ("nano", "micro"),
+    "vlm_align_steps": (100, 4),
+    "vlm_sft_steps": (300, 4),
+    "vlm_dpo_steps": (30, 4),
 }
 
 
@@ -73,9 +79,10 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     cfg = {k: v[q] for k, v in PLAN.items()}
     if steps:
         cfg["pretrain_steps"] = steps
-    total = 8
+    total = 9
     print(f"llm-from-scratch demo -> {out.resolve()}")
-    for sub in ("pretrain", "moe", "sft", "dpo", "hf", "moe_hf"):  # a previous demo's runs: start them again
+    for sub in ("pretrain", "moe", "sft", "dpo", "hf", "moe_hf", "vlm_init", "vlm_align", "vlm_sft", "vlm_dpo",
+                "vlm_hf"):  # a previous demo's runs: start them again
         shutil.rmtree(out / sub, ignore_errors=True)
 
     _say(1, total, "synthesizing the embedded data (stories, arithmetic with reasoning, DPO pairs; held-out splits)")
@@ -171,15 +178,25 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
                 else f"{'':15s} {'':10s} {'':7s}")
         print(f"  {name:8s} {_arith3(res):>16s} {_arith(res, 'addition'):>16s} {_arith(res, 'subtraction'):>16s} "
               f"{res['overall']:9.1%} {pref}")
-    elapsed = time.perf_counter() - t_all
+    text_elapsed = time.perf_counter() - t_all
     print("  prefers correct: share of held-out pairs where the model gives the correct answer the higher "
           "log-probability; reward acc and margin: DPO's implicit rewards (zero at the SFT row, where the "
           "policy is the reference)")
-    print(f"\ndemo done in {elapsed:.0f} s (pretrain {secs['pretrain']:.0f} s, MoE {secs['moe']:.0f} s, "
-          f"SFT {secs['sft']:.0f} s, DPO {secs['dpo']:.0f} s). Outputs under {out}: data/, tokenizer/, pretrain/, "
-          f"moe/, sft/, dpo/ (each with metrics.jsonl and loss.png), hf/ and moe_hf/ (transformers).")
-    print(f"Next: llm-scratch chat --checkpoint {out / 'dpo'}")
-    return {"accuracy": acc, "dpo": dpo, "moe": moe, "agree": agree, "seconds": elapsed}
+    print(f"text models done in {text_elapsed:.0f} s (pretrain {secs['pretrain']:.0f} s, MoE {secs['moe']:.0f} s, "
+          f"SFT {secs['sft']:.0f} s, DPO {secs['dpo']:.0f} s)")
+
+    from .demo_vlm import print_vlm_table, run_vlm_demo
+
+    vlm = run_vlm_demo(out, out / "dpo", tok, cfg, _stage, lambda text: _say(9, total, text))
+    print_vlm_table(vlm)
+    elapsed = time.perf_counter() - t_all
+    print(f"\ndemo done in {elapsed:.0f} s (text models {text_elapsed:.0f} s, VLM {vlm['seconds']:.0f} s). "
+          f"Outputs under {out}: data/, tokenizer/, pretrain/, moe/, sft/, dpo/, vlm_*/ (each with metrics.jsonl "
+          f"and loss.png), hf/, moe_hf/ and vlm_hf/ (transformers).")
+    print(f"Next: llm-scratch chat --checkpoint {out / 'dpo'}    or    llm-scratch chat --checkpoint "
+          f"{out / 'vlm_dpo'} --image {out / 'data' / 'images' / 'eval_00000.png'}")
+    return {"accuracy": acc, "dpo": dpo, "moe": moe, "vlm": vlm, "agree": agree, "seconds": elapsed,
+            "text_seconds": text_elapsed}
 
 
 def _moe_stage(out: Path, paths: dict, tok_dir: Path, cfg: dict, dense: dict) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 
 import torch
 
@@ -29,7 +30,7 @@ from .chat_data import DPODataset, build_dpo_examples, dpo_collate
 from .data import load_dpo
 from .errors import UserError
 from .losses import LOSS_TYPES, chosen_nll, dpo_loss, sequence_logps
-from .stage import Run, add_finetune_data_args, fit_and_summarize, load_examples
+from .stage import Run, add_finetune_data_args, fit_and_summarize, freeze_except, load_examples, vision_inputs
 from .tokenizer import PAD
 from .trainer import Trainer
 
@@ -56,7 +57,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 
 def pair_logps(module, batch: dict, average: bool) -> torch.Tensor:
     """[pairs, 2] log-probs of (chosen, rejected) completions."""
-    logps = sequence_logps(module(batch["input_ids"]).logits, batch["targets"], average)
+    extra = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}
+    logps = sequence_logps(module(batch["input_ids"], **extra).logits, batch["targets"], average)
     half = logps.shape[0] // 2
     return torch.stack([logps[:half], logps[half:]], dim=1)
 
@@ -98,14 +100,19 @@ def run(ns: argparse.Namespace) -> dict:
     run_dir = Run(ns.out, ns.resume, ns.tokenizer, ns.init)
     tok = run_dir.tokenizer
     model = run_dir.starting_model(ns.seed, ns.kernels)
-    train_ex, eval_ex, dropped = load_examples(ns, load_dpo, build_dpo_examples, tok)
-    train_set, eval_set = DPODataset(train_ex), (DPODataset(eval_ex) if eval_ex else None)
+    trainable = freeze_except(model, ns.train)
+    image_tokens, loader = vision_inputs(model)
+    build = functools.partial(build_dpo_examples, image_tokens=image_tokens)
+    train_ex, eval_ex, dropped = load_examples(ns, load_dpo, build, tok)
+    train_set = DPODataset(train_ex, loader)
+    eval_set = DPODataset(eval_ex, loader) if eval_ex else None
     reference_copy = copy.deepcopy(model) if ns.reference == "model" and run_dir.resume_ckpt is None else None
     if ns.reference == "model" and run_dir.resume_ckpt is not None:
         raise UserError("--resume with --reference model: the starting policy is gone; use --reference precompute")
     objective = DPOObjective(ns.beta, ns.loss, ns.label_smoothing, ns.average_logps, sft_weight=ns.sft_weight)
-    info = {"stage": "dpo", "init": ns.init, "pairs": len(train_ex), "held_out_pairs": len(eval_ex),
-            "dropped_too_long": dropped, "beta": ns.beta, "loss": ns.loss, "reference": ns.reference}
+    info = {"stage": "dpo", "init": ns.init, "trainable_parameters": trainable, "train": ns.train,
+            "pairs": len(train_ex), "held_out_pairs": len(eval_ex), "dropped_too_long": dropped, "beta": ns.beta,
+            "loss": ns.loss, "reference": ns.reference}
     trainer = Trainer(model, train_set, objective, targs, optim, eval_set=eval_set,
                       collate_fn=dpo_collate(tok.convert_tokens_to_ids(PAD)),
                       weight_fn=lambda batch: float(len(batch["index"])),  # the loss is a mean over pairs

@@ -18,8 +18,10 @@ import torch
 from models.generate import generate
 from models.think import split_reasoning
 
-from .data import read_jsonl
+from .chat_data import encode_prompt
+from .data import read_jsonl, sft_record
 from .errors import UserError
+from .stage import vision_inputs
 from .tokenizer import ENDOFTEXT, IM_END, PAD
 
 ARITH = re.compile(r"What is (-?\d+) ([+-]) (-?\d+)\?")
@@ -40,13 +42,18 @@ def category(question: str) -> str:
 
 
 def load_eval_records(path) -> list[dict]:
+    """Records with the prompt (the non-assistant turns), the answer, a category, and the images (VLM
+    records: paths resolved against the file's directory; the category is 'image ' + the record's kind)."""
     out = []
     for lineno, rec in read_jsonl(path):
+        where = f"{path}:{lineno}"
         if "answer" not in rec or "messages" not in rec:
-            raise UserError(f"{path}:{lineno}: an evaluation record needs 'messages' and 'answer'")
-        prompt = [m for m in rec["messages"] if m["role"] != "assistant"]
+            raise UserError(f"{where}: an evaluation record needs 'messages' and 'answer'")
+        conv = sft_record(rec, path, where, need_assistant=False)
+        prompt = [m for m in conv if m["role"] != "assistant"]
         question = next(m["content"] for m in reversed(prompt) if m["role"] == "user")
-        out.append({"prompt": prompt, "answer": str(rec["answer"]), "category": category(question)})
+        cat = f"image {rec['kind']}" if conv.images and "kind" in rec else category(question)
+        out.append({"prompt": prompt, "answer": str(rec["answer"]), "category": cat, "images": conv.images})
     return out
 
 
@@ -56,14 +63,15 @@ def exact_match(model, tokenizer, records: list[dict], think: bool = True, batch
     """{'overall': accuracy, 'by_category': {name: (correct, total)}, 'samples': [...]}"""
     stop = [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, ENDOFTEXT)]
     pad = tokenizer.convert_tokens_to_ids(PAD)
-    prompts = [tokenizer.encode(tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True,
-                                                              enable_thinking=think), add_special_tokens=False)
-               for r in records]
+    image_tokens, loader = vision_inputs(model)
+    prompts = [encode_prompt(tokenizer, r["prompt"], think, image_tokens) for r in records]
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))  # similar lengths batch together
     answers: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        outs = generate(model, [prompts[i] for i in idx], max_new_tokens, stop_ids=stop, pad_id=pad)
+        pixels = loader([p for i in idx for p in records[i].get("images", ())]) if loader else None
+        outs = generate(model, [prompts[i] for i in idx], max_new_tokens, stop_ids=stop, pad_id=pad,
+                        pixel_values=pixels)
         for i, new in zip(idx, outs):
             answers[i] = split_reasoning(tokenizer.decode(new, skip_special_tokens=True))[1].strip()
     by_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0])

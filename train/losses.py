@@ -27,7 +27,8 @@ LOSS_TYPES = ("sigmoid", "ipo")
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     """The model's own training loss (cross-entropy, plus the MoE model's balance and MTP terms, whose
     values come back as statistics for the log)."""
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "targets", "segment_ids", "position_ids")}
+    inputs = {k: v for k, v in batch.items()
+              if k in ("input_ids", "targets", "segment_ids", "position_ids", "pixel_values")}
     out = model(**inputs)
     return out.loss, aux_stats(out)
 

@@ -9,13 +9,14 @@ See train/chat_data.py for the loss mask and the truncation policy.
 from __future__ import annotations
 
 import argparse
+import functools
 
 from .args import add_train_args, train_args_from
 from .chat_data import PackedSFTDataset, SFTDataset, build_sft_examples, pad_collate
 from .data import load_sft
 from .errors import UserError
 from .losses import lm_loss
-from .stage import Run, add_finetune_data_args, fit_and_summarize, load_examples
+from .stage import Run, add_finetune_data_args, fit_and_summarize, freeze_except, load_examples, vision_inputs
 from .tokenizer import PAD
 from .trainer import Trainer
 
@@ -34,14 +35,21 @@ def run(ns: argparse.Namespace) -> dict:
     run_dir = Run(ns.out, ns.resume, ns.tokenizer, ns.init)
     tok = run_dir.tokenizer
     model = run_dir.starting_model(ns.seed, ns.kernels)
+    trainable = freeze_except(model, ns.train)
     if ns.seq_len > model.config.max_position_embeddings:
         raise UserError(f"--seq-len {ns.seq_len} is longer than the model's context "
                         f"(max_position_embeddings={model.config.max_position_embeddings})")
-    train_ex, eval_ex, dropped = load_examples(ns, load_sft, build_sft_examples, tok)
+    image_tokens, loader = vision_inputs(model)
+    build = functools.partial(build_sft_examples, image_tokens=image_tokens)
+    train_ex, eval_ex, dropped = load_examples(ns, load_sft, build, tok)
     pad = tok.convert_tokens_to_ids(PAD)
-    make = (lambda ex: PackedSFTDataset(ex, ns.seq_len, pad)) if ns.pack else SFTDataset
+    if ns.pack:
+        make = lambda ex: PackedSFTDataset(ex, ns.seq_len, pad, loader)  # noqa: E731
+    else:
+        make = lambda ex: SFTDataset(ex, loader)  # noqa: E731
     train_set, eval_set = make(train_ex), (make(eval_ex) if eval_ex else None)
-    info = {"stage": "sft", "init": ns.init, "conversations": len(train_ex), "dropped_too_long": dropped,
+    info = {"stage": "sft", "init": ns.init, "trainable_parameters": trainable, "train": ns.train,
+            "conversations": len(train_ex), "dropped_too_long": dropped,
             "rows": len(train_set), "trained_tokens": int(sum(e.trained[1:].sum() for e in train_ex))}
     trainer = Trainer(model, train_set, lm_loss, targs, optim, eval_set=eval_set, collate_fn=pad_collate(pad),
                       tokenizer_dir=run_dir.tokenizer_dir, run_config={"run": info}, title="sft")

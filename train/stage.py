@@ -26,6 +26,9 @@ def add_finetune_data_args(p: argparse.ArgumentParser, what: str) -> None:
     d.add_argument("--tokenizer", metavar="DIR", help="default: the --init checkpoint's tokenizer")
     d.add_argument("--seq-len", type=int, default=512, help="longest row in tokens (see the truncation policy)")
     d.add_argument("--kernels", choices=["auto", "triton", "torch"], help="kernel backend for this run")
+    d.add_argument("--train", default="all", metavar="PARTS",
+                   help="VLM: the parts that learn, comma-separated from vision, projector, language "
+                        "(default all; the alignment stage trains 'projector' or 'vision,projector')")
 
 
 class Run:
@@ -96,3 +99,34 @@ def split_held_out(records: list, fraction: float) -> tuple[list, list]:
     """The last `fraction` of the records (at least one when there are two or more) are held out."""
     n_eval = max(1, int(len(records) * fraction)) if len(records) > 1 and fraction > 0 else 0
     return records[: len(records) - n_eval], records[len(records) - n_eval:]
+
+
+def vision_inputs(model) -> tuple[int, object]:
+    """(image tokens per image, an image loader) for a VLM; (0, None) for a text model."""
+    config = model.config
+    if getattr(config, "model_type", None) != "vlm":
+        return 0, None
+    from .images import ImageLoader
+
+    return config.image_tokens, ImageLoader(config)
+
+
+VLM_PARTS = {"vision": "vision_tower.", "projector": "multi_modal_projector.", "language": "language_model."}
+
+
+def freeze_except(model, parts: str) -> int:
+    """Train only the named parts of a VLM (--train); returns the number of trainable parameters."""
+    if parts == "all":
+        return sum(p.numel() for p in model.parameters())
+    names = [x.strip() for x in parts.split(",") if x.strip()]
+    unknown = [x for x in names if x not in VLM_PARTS]
+    if unknown:
+        raise UserError(f"--train: unknown part(s) {', '.join(unknown)}; choose from {', '.join(VLM_PARTS)} or 'all'")
+    if getattr(model.config, "model_type", None) != "vlm":
+        raise UserError("--train selects parts of a VLM; this model trains whole ('all')")
+    prefixes = tuple(VLM_PARTS[x] for x in names)
+    n = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+        n += p.numel() if p.requires_grad else 0
+    return n

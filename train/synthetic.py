@@ -55,6 +55,11 @@ def _story(rng: random.Random) -> str:
         f"{a} counted the {obj}s in the {place}. There were {n}. {b} brought {n - 1} more. "
         f"Now there are {2 * n - 1} {obj}s in the {place}.",
     ]
+    if rng.random() < 0.15:  # the words the VLM's captions use, so the language model knows them
+        from .synthetic_images import caption, random_spec
+
+        spec = random_spec(rng)
+        return f"{a} drew a picture for {b}. {caption(spec)} {b} liked the picture."
     return rng.choice(templates)
 
 
@@ -81,34 +86,47 @@ def _digits(n: int, width: int) -> list[int]:
 
 
 def addition_steps(a: int, b: int, forget_carry: bool = False) -> tuple[list[str], int]:
-    """Column addition; with forget_carry the carries are dropped (a plausible wrong answer)."""
+    """Column addition, one fact per clause (a carry is added as its own step); with forget_carry the
+    carries are dropped (a plausible wrong answer)."""
     width = max(len(str(a)), len(str(b)))
     da, db = _digits(a, width), _digits(b, width)
     steps, carry, out = [], 0, []
     for i in range(width):
-        s = da[i] + db[i] + carry
-        expr = f"{da[i]} + {db[i]}" + (f" + {carry}" if carry else "")
+        s = da[i] + db[i]
+        expr = f"{da[i]} + {db[i]} = {s}"
+        if carry:
+            expr += f", {s} + {carry} = {s + carry}"
+            s += carry
         digit, new_carry = s % 10, s // 10
         if new_carry:
-            steps.append(f"{PLACE_NAMES[i]}: {expr} = {s}, write {digit}, carry {new_carry}")
+            steps.append(f"{PLACE_NAMES[i]}: {expr}, write {digit}, carry {new_carry}")
         else:
-            steps.append(f"{PLACE_NAMES[i]}: {expr} = {s}, write {digit}")
+            steps.append(f"{PLACE_NAMES[i]}: {expr}, write {digit}")
         out.append(digit)
         carry = 0 if forget_carry else new_carry
     if carry:
         steps.append(f"{PLACE_NAMES[width] if width < len(PLACE_NAMES) else 'next'}: write the carry {carry}")
         out.append(carry)
     result = int("".join(str(d) for d in reversed(out)))
-    return steps, result
+    return steps + [read_digits(out)], result
+
+
+def read_digits(out: list[int]) -> str:
+    """The written digits named by place, highest first: each is looked up by its place name, not by
+    how far back its line is."""
+    named = [f"{PLACE_NAMES[i] if i < len(PLACE_NAMES) else 'next'} {d}" for i, d in enumerate(out)]
+    return "From the highest place: " + ", ".join(reversed(named)) + "."
 
 
 def subtraction_steps(a: int, b: int, forget_borrow: bool = False) -> tuple[list[str], int]:
-    """Column subtraction of b from a (a >= b); with forget_borrow the borrows are dropped."""
+    """Column subtraction of b from a (a >= b); with forget_borrow the borrows are dropped.
+
+    Each column first names its two digits ("tens: 4 and 6: ..."), so deciding whether to borrow is a
+    comparison of two digits already on the line, not a lookup and a comparison in one step."""
     width = len(str(a))
     da, db = _digits(a, width), _digits(b, width)
     steps, borrow, out = [], 0, []
     for i in range(width):
-        # one small operation per clause: take the borrow, compare, borrow if needed, subtract
         top = da[i] - borrow
         parts = [f"{da[i]} - {borrow} = {top}"] if borrow else []
         if top < db[i]:
@@ -119,9 +137,31 @@ def subtraction_steps(a: int, b: int, forget_borrow: bool = False) -> tuple[list
             parts.append(f"{top} - {db[i]} = {top - db[i]}")
             out.append(top - db[i])
             borrow = 0
-        steps.append(f"{PLACE_NAMES[i]}: " + ", ".join(parts))
+        steps.append(f"{PLACE_NAMES[i]}: {da[i]} and {db[i]}: " + ", ".join(parts))
     result = int("".join(str(d) for d in reversed(out)))
-    return steps, result
+    return steps + [read_digits(out)], result
+
+
+def compare_steps(a: int, b: int) -> tuple[str, int]:
+    """Which of a, b (non-negative) is larger, the way one does it by hand: count the digits; with as
+    many digits, compare from the highest place down to the first difference. Returns (text, larger)."""
+    sa, sb = str(a), str(b)
+    larger = max(a, b)
+    if len(sa) != len(sb):
+        unit = lambda n: f"{n} digit{'s' if n != 1 else ''}"  # noqa: E731
+        return (f"Compare {a} and {b}: {a} has {unit(len(sa))}, {b} has {unit(len(sb))}, "
+                f"so {larger} is larger."), larger
+    parts = []
+    for i, (x, y) in enumerate(zip(sa, sb)):
+        place = PLACE_NAMES[len(sa) - 1 - i]
+        if x == y:
+            parts.append(f"{place} {x} = {y}")
+            continue
+        parts.append(f"{place} {x} {'>' if x > y else '<'} {y}")
+        break
+    verdict = f"so {larger} is larger" if a != b else "so they are equal"
+    digits = f"{len(sa)} digit{'s' if len(sa) != 1 else ''}"
+    return f"Compare {a} and {b}: both have {digits}; {', '.join(parts)}, {verdict}.", larger
 
 
 def arithmetic_problem(a: int, b: int, op: str, wrong: bool = False) -> tuple[str, str, str, int]:
@@ -129,15 +169,18 @@ def arithmetic_problem(a: int, b: int, op: str, wrong: bool = False) -> tuple[st
     question = f"What is {a} {op} {b}?"
     if op == "+":
         steps, value = addition_steps(a, b, forget_carry=wrong)
-        header = f"Add {a} and {b} column by column, from the ones place."
+        header = [f"Add {a} and {b} column by column, from the ones place."]
     else:
         big, small = max(a, b), min(a, b)
         steps, value = subtraction_steps(big, small, forget_borrow=wrong)
-        header = f"Subtract {small} from {big} column by column, from the ones place."
+        comparison, _ = compare_steps(a, b)
         if a < b:
-            header = f"{a} is less than {b}, so the result is negative. " + header
+            header = [comparison, f"{a} is smaller, so the result is negative. "
+                                  f"Subtract {small} from {big} column by column, from the ones place."]
             value = -value
-    reasoning = "\n".join([header, *steps, f"So the result is {value}."])
+        else:
+            header = [comparison, f"Subtract {small} from {big} column by column, from the ones place."]
+    reasoning = "\n".join([*header, *steps, f"So the result is {value}."])
     return question, reasoning, f"{a} {op} {b} = {value}", value
 
 
@@ -175,9 +218,8 @@ def chat_task(rng: random.Random) -> tuple[str, str, str, str]:
                 f"The letters are {letters}.\nIn reverse order: {' '.join(rev)}.", rev)
     if kind == 1:
         x, y = rng.sample(range(0, 1000), 2)
-        bigger = max(x, y)
-        return (f"cmp:{x},{y}", f"Which is larger, {x} or {y}?",
-                f"Compare {x} and {y}: {bigger} is larger.", str(bigger))
+        reasoning, bigger = compare_steps(x, y)
+        return f"cmp:{x},{y}", f"Which is larger, {x} or {y}?", reasoning, str(bigger)
     w = rng.choice(WORDS)
     ch = rng.choice(sorted(set(w)))
     n = w.count(ch)

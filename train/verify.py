@@ -1,7 +1,8 @@
 """`llm-scratch verify`: every model through every stage for a few steps on freshly generated tiny
 data, checking that each stage's loss is finite and falls. It runs in CI.
 
-Models: dense and MoE (the VLM joins when it lands). Stages: pretrain, SFT, DPO.
+Models: dense and MoE (pretrain, SFT, DPO), and the VLM built on the dense model (alignment with the
+language model frozen, SFT on image questions, DPO on image answer pairs).
 "Falls": the mean of the last three logged training losses is below the first one.
 """
 
@@ -57,5 +58,29 @@ def run_verify(out: str | None = None) -> list[tuple[str, str, float, float]]:
             first, last = _check(stage, model, base / stage)
             results.append((model, stage, first, last))
             print(f"verify: {model:6s} {stage:8s} loss {first:.4f} -> {last:.4f}  ok", flush=True)
+    results += _verify_vlm(root, data, common)
     print(f"verify: all {len(results)} stage runs finite and falling in {time.perf_counter() - t0:.0f} s ({root})")
+    return results
+
+
+def _verify_vlm(root: Path, data: dict, common: list[str]) -> list[tuple[str, str, float, float]]:
+    from . import dpo, sft
+    from .synthetic_images import generate_images
+    from .vlm import init_vlm
+
+    images = generate_images(root / "data", seed=1, train=96, held_out=8)
+    base = root / "vlm"
+    init_vlm(str(root / "dense" / "sft"), str(base / "init"), preset="micro")
+    stages = [
+        ("align", sft.main, ["--init", str(base / "init"), "--data", str(images["vlm_caption_train"]),
+                             "--train", "projector,vision", "--lr", "1e-2"]),
+        ("sft", sft.main, ["--init", str(base / "align"), "--data", str(images["vlm_sft_train"]), "--lr", "5e-3"]),
+        ("dpo", dpo.main, ["--init", str(base / "sft"), "--data", str(images["vlm_dpo_train"]), "--lr", "2e-3"]),
+    ]
+    results = []
+    for stage, main, args in stages:
+        main(args + ["--out", str(base / stage), "--seq-len", "96", "--batch-size", "8"] + common)
+        first, last = _check(stage, "vlm", base / stage)
+        results.append(("vlm", stage, first, last))
+        print(f"verify: {'vlm':6s} {stage:8s} loss {first:.4f} -> {last:.4f}  ok", flush=True)
     return results
