@@ -44,8 +44,9 @@ def test_demo_quick(tmp_path):
     r = _run(str(BIN / "llm-scratch"), "demo", "--quick", "--out", str(tmp_path / "demo"))
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    assert "[8/8]" in out and "held-out loss" in out and "held-out results" in out
+    assert "[9/9]" in out and "held-out loss" in out and "held-out results" in out
     assert "expert load" in out and "DeepseekV3ForCausalLM" in out
+    assert "VLM held-out results" in out and "LlavaForConditionalGeneration" in out
     assert "2/2 chat answers are token-for-token the same as our model's" in out
     for stage in ("pretrain", "sft", "dpo"):
         assert (tmp_path / "demo" / stage / "loss.png").exists()
@@ -92,7 +93,9 @@ def test_verify_every_stage_learns(tmp_path):
     for model in ("dense", "moe"):
         for stage in ("pretrain", "sft", "dpo"):
             assert f"verify: {model:6s} {stage:8s} loss" in r.stdout
-    assert "all 6 stage runs finite and falling" in r.stdout
+    for stage in ("align", "sft", "dpo"):
+        assert f"verify: vlm    {stage:8s} loss" in r.stdout
+    assert "all 9 stage runs finite and falling" in r.stdout
 
 
 def test_chat_one_shot_cli(tmp_path, tokenizer_dir):

@@ -143,6 +143,36 @@ def test_sft_and_dpo_under_deepspeed_match_one_process(sft_model_dir, synthetic_
     _assert_same(_losses(tmp_path / "dpo2"), _losses(tmp_path / "dpo1"))
 
 
+def test_vlm_alignment_and_sft_under_deepspeed_match_one_process(sft_model_dir, tmp_path):
+    """The VLM through the deepspeed launcher: alignment with the language model frozen (ZeRO-2; frozen
+    parameters are left out of the optimizer) and SFT on image questions (ZeRO-3), against one process."""
+    from train.sft import main as sft_main
+    from train.synthetic_images import generate_images
+    from train.vlm import init_vlm
+
+    data = generate_images(tmp_path / "img", train=32, held_out=8)
+    init_vlm(str(sft_model_dir), str(tmp_path / "vlm0"), preset="micro")
+
+    def args(kind, init, out, extra=()):
+        return ["--init", str(init), "--data", str(data[f"vlm_{kind}_train"]), "--eval-data",
+                str(data[f"vlm_{kind}_eval"]), "--out", str(out), "--seq-len", "96", "--max-steps", "3",
+                "--eval-every", "3", "--eval-batches", "2", "--warmup-steps", "1", "--lr", "3e-3", "--seed", "2",
+                "--no-progress", *extra]
+
+    frozen = ("--train", "projector,vision")
+    sft_main(args("caption", tmp_path / "vlm0", tmp_path / "a1", frozen) + ["--batch-size", "8"])
+    _launch("deepspeed", args("caption", tmp_path / "vlm0", tmp_path / "a2", frozen), "zero2.json", module="train.sft")
+    _assert_same(_losses(tmp_path / "a2"), _losses(tmp_path / "a1"))
+    sft_main(args("sft", tmp_path / "a1", tmp_path / "s1") + ["--batch-size", "8"])
+    _launch("deepspeed", args("sft", tmp_path / "a1", tmp_path / "s2"), "zero3.json", module="train.sft")
+    _assert_same(_losses(tmp_path / "s2"), _losses(tmp_path / "s1"))
+    from models import load_pretrained
+
+    aligned, start = load_pretrained(tmp_path / "a2"), load_pretrained(tmp_path / "vlm0")
+    for name, p in aligned.language_model.state_dict().items():  # frozen: unchanged by the alignment
+        assert torch.equal(p, start.language_model.state_dict()[name]), name
+
+
 def _resolve(raw, **over):
     from train.ds_config import resolve_ds_config
 

@@ -34,7 +34,7 @@ PLAN = {
     "vlm_eval_images": (100, 6),
     "vlm_preset": ("nano", "micro"),
     "vlm_align_steps": (100, 4),
-    "vlm_sft_steps": (300, 4),
+    "vlm_sft_steps": (500, 4),
     "vlm_dpo_steps": (30, 4),
 }
 

@@ -111,6 +111,13 @@ def addition_steps(a: int, b: int, forget_carry: bool = False) -> tuple[list[str
     return steps + [read_digits(out)], result
 
 
+def name_digits(n: int, width: int) -> str:
+    """"Digits of 807: hundreds 8, tens 0, ones 7." (zero-padded to `width` places), so a column step
+    finds a digit by its place name instead of by counting from the end of the number."""
+    named = [f"{PLACE_NAMES[i]} {d}" for i, d in enumerate(_digits(n, width))]
+    return f"Digits of {n}: " + ", ".join(reversed(named)) + "."
+
+
 def read_digits(out: list[int]) -> str:
     """The written digits named by place, highest first: each is looked up by its place name, not by
     how far back its line is."""
@@ -143,25 +150,23 @@ def subtraction_steps(a: int, b: int, forget_borrow: bool = False) -> tuple[list
 
 
 def compare_steps(a: int, b: int) -> tuple[str, int]:
-    """Which of a, b (non-negative) is larger, the way one does it by hand: count the digits; with as
-    many digits, compare from the highest place down to the first difference. Returns (text, larger)."""
-    sa, sb = str(a), str(b)
+    """Which of a, b (non-negative) is larger, the way one does it by hand: write both with their digits
+    named by place (the shorter padded with zeros), then compare from the highest place down to the first
+    difference. Returns (text, larger)."""
+    width = max(len(str(a)), len(str(b)))
+    da, db = _digits(a, width)[::-1], _digits(b, width)[::-1]  # highest place first
     larger = max(a, b)
-    if len(sa) != len(sb):
-        unit = lambda n: f"{n} digit{'s' if n != 1 else ''}"  # noqa: E731
-        return (f"Compare {a} and {b}: {a} has {unit(len(sa))}, {b} has {unit(len(sb))}, "
-                f"so {larger} is larger."), larger
     parts = []
-    for i, (x, y) in enumerate(zip(sa, sb)):
-        place = PLACE_NAMES[len(sa) - 1 - i]
+    for i, (x, y) in enumerate(zip(da, db)):
+        place = PLACE_NAMES[width - 1 - i]
         if x == y:
             parts.append(f"{place} {x} = {y}")
             continue
         parts.append(f"{place} {x} {'>' if x > y else '<'} {y}")
         break
     verdict = f"so {larger} is larger" if a != b else "so they are equal"
-    digits = f"{len(sa)} digit{'s' if len(sa) != 1 else ''}"
-    return f"Compare {a} and {b}: both have {digits}; {', '.join(parts)}, {verdict}.", larger
+    lines = [name_digits(a, width), name_digits(b, width), f"Compare {a} and {b}: {', '.join(parts)}, {verdict}."]
+    return "\n".join(lines), larger
 
 
 def arithmetic_problem(a: int, b: int, op: str, wrong: bool = False) -> tuple[str, str, str, int]:
@@ -169,7 +174,9 @@ def arithmetic_problem(a: int, b: int, op: str, wrong: bool = False) -> tuple[st
     question = f"What is {a} {op} {b}?"
     if op == "+":
         steps, value = addition_steps(a, b, forget_carry=wrong)
-        header = [f"Add {a} and {b} column by column, from the ones place."]
+        width = max(len(str(a)), len(str(b)))
+        header = [f"Add {a} and {b} column by column, from the ones place.", name_digits(a, width),
+                  name_digits(b, width)]
     else:
         big, small = max(a, b), min(a, b)
         steps, value = subtraction_steps(big, small, forget_borrow=wrong)
