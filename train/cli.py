@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", nargs="+", required=True, metavar="FILE")
     s.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
     s.add_argument("--no-think", dest="think", action="store_false", default=True)
-    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--max-new-tokens", type=int, default=384)
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("verify", help="every model through every stage for a few steps, on fresh tiny data")

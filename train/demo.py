@@ -31,10 +31,11 @@ PLAN = {
     "dpo_steps": (60, 6),
     "eval_records": (400, 20),
     "vlm_images": (3000, 48),
+    "vlm_image_size": (48, 32),
     "vlm_eval_images": (100, 6),
     "vlm_preset": ("nano", "micro"),
     "vlm_align_steps": (100, 4),
-    "vlm_sft_steps": (500, 4),
+    "vlm_sft_steps": (1500, 4),
     "vlm_dpo_steps": (30, 4),
 }
 
@@ -54,7 +55,7 @@ def _accuracy(run_dir: Path, tok, records) -> dict:
 
     from .evaluate import exact_match
 
-    return exact_match(load_pretrained(run_dir).eval(), tok, records, think=True, max_new_tokens=200)
+    return exact_match(load_pretrained(run_dir).eval(), tok, records, think=True, max_new_tokens=320)
 
 
 def _arith(res: dict, kind: str) -> str:
@@ -127,7 +128,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     t0 = time.perf_counter()
     s = cfg["sft_steps"]
     sft = _stage(["sft", "--init", str(out / "pretrain"), "--data", str(paths["sft_train"]),
-                  "--eval-data", str(paths["sft_eval"]), "--out", str(out / "sft"), "--pack", "--seq-len", "256",
+                  "--eval-data", str(paths["sft_eval"]), "--out", str(out / "sft"), "--pack", "--seq-len", "288",
                   "--batch-size", "24", "--max-steps", str(s), "--eval-every", str(max(1, s // 4)),
                   "--save-every", str(s), "--warmup-steps", str(max(1, s // 30)), "--lr", "5e-3"])
     secs["sft"] = time.perf_counter() - t0
@@ -141,7 +142,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     t0 = time.perf_counter()
     s = cfg["dpo_steps"]
     dpo = _stage(["dpo", "--init", str(out / "sft"), "--data", str(paths["dpo_train"]),
-                  "--eval-data", str(paths["dpo_eval"]), "--out", str(out / "dpo"), "--seq-len", "256",
+                  "--eval-data", str(paths["dpo_eval"]), "--out", str(out / "dpo"), "--seq-len", "288",
                   "--batch-size", "16", "--max-steps", str(s), "--eval-every", str(s), "--eval-batches", "16",
                   "--save-every", str(s), "--warmup-steps", str(max(1, s // 10)), "--lr", "3e-5",
                   "--sft-weight", "5"])
@@ -155,7 +156,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     _say(7, total, "chat with the final model (greedy): reasoning shown apart from the answer")
     from .chat import ChatSession, Display
 
-    session = ChatSession(out / "dpo", think=True, temperature=0.0, max_new_tokens=200)
+    session = ChatSession(out / "dpo", think=True, temperature=0.0, max_new_tokens=320)
     for question, think in CHAT_QUESTIONS:
         session.reset()
         session.think = think
@@ -264,9 +265,9 @@ def _export_and_compare(out: Path, tok) -> tuple[int, Path]:
         text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                        add_generation_prompt=True, enable_thinking=think)
         ids = tok.encode(text, add_special_tokens=False)
-        mine = generate(ours, [ids], 200, stop_ids=stop, pad_id=pad)[0]
+        mine = generate(ours, [ids], 320, stop_ids=stop, pad_id=pad)[0]
         with torch.no_grad():
-            gen = hf_model.generate(torch.tensor([ids]), max_new_tokens=200, do_sample=False, eos_token_id=stop,
+            gen = hf_model.generate(torch.tensor([ids]), max_new_tokens=320, do_sample=False, eos_token_id=stop,
                                     pad_token_id=pad)
         agree += gen[0, len(ids):].tolist() == mine
     print(f"  transformers {type(hf_model).__name__} loaded {hf_dir} without trust_remote_code; "

@@ -35,17 +35,18 @@ def run_vlm_demo(out: Path, dense_dir: Path, tok, cfg: dict, stage, say) -> dict
     t0 = time.perf_counter()
     say(f"VLM: {cfg['vlm_images']} synthetic images, a ViT encoder + projector in front of the dense model; "
         "alignment, SFT, DPO")
-    paths = generate_images(out / "data", seed=0, train=cfg["vlm_images"], held_out=cfg["vlm_eval_images"])
+    paths = generate_images(out / "data", seed=0, train=cfg["vlm_images"], held_out=cfg["vlm_eval_images"],
+                            size=cfg["vlm_image_size"])
     records = load_eval_records(paths["vlm_sft_eval"])
-    init_vlm(str(dense_dir), str(out / "vlm_init"), preset=cfg["vlm_preset"])
+    init_vlm(str(dense_dir), str(out / "vlm_init"), preset=cfg["vlm_preset"], image_size=cfg["vlm_image_size"])
     acc = {"init": _vlm_accuracy(out / "vlm_init", tok, records)}
-    common = ["--seq-len", "96", "--batch-size", "32", "--no-progress", "--eval-batches", "4"]
+    common = ["--seq-len", "128", "--batch-size", "32", "--no-progress", "--eval-batches", "4"]
     runs = [
         ("align", ["sft", "--init", str(out / "vlm_init"), "--data", str(paths["vlm_caption_train"]),
                    "--eval-data", str(paths["vlm_caption_eval"]), "--train", "projector,vision",
                    "--lr", "3e-3"], cfg["vlm_align_steps"]),
         ("sft", ["sft", "--init", str(out / "vlm_align"), "--data", str(paths["vlm_sft_train"]),
-                 "--eval-data", str(paths["vlm_sft_eval"]), "--lr", "2e-3"], cfg["vlm_sft_steps"]),
+                 "--eval-data", str(paths["vlm_sft_eval"]), "--lr", "3e-3"], cfg["vlm_sft_steps"]),
         ("dpo", ["dpo", "--init", str(out / "vlm_sft"), "--data", str(paths["vlm_dpo_train"]),
                  "--eval-data", str(paths["vlm_dpo_eval"]), "--lr", "1e-4", "--sft-weight", "1"], cfg["vlm_dpo_steps"]),
     ]

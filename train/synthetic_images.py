@@ -63,7 +63,7 @@ def render(spec: dict, size: int, rng: random.Random):
               r, fill)
     else:  # small copies in distinct cells of a 3 x 3 grid
         cells = rng.sample(range(9), spec["count"])
-        r = size * 0.1
+        r = size * 0.14
         for c in cells:
             cx, cy = (c % 3 + 0.5) * size / 3, (c // 3 + 0.5) * size / 3
             _draw(draw, spec["shape"], cx + rng.uniform(-1, 1), cy + rng.uniform(-1, 1), r, fill)
