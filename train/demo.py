@@ -28,6 +28,7 @@ PLAN = {
     "pretrain_steps": (100, 8),
     "moe_steps": (100, 8),
     "sft_steps": (1200, 8),
+    "sft_seq_len": (288, 256),  # the column reasoning of a 4-digit problem is ~250 tokens
     "dpo_steps": (60, 6),
     "eval_records": (400, 20),
     "vlm_images": (3000, 48),
@@ -128,7 +129,8 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     t0 = time.perf_counter()
     s = cfg["sft_steps"]
     sft = _stage(["sft", "--init", str(out / "pretrain"), "--data", str(paths["sft_train"]),
-                  "--eval-data", str(paths["sft_eval"]), "--out", str(out / "sft"), "--pack", "--seq-len", "288",
+                  "--eval-data", str(paths["sft_eval"]), "--out", str(out / "sft"), "--pack",
+                  "--seq-len", str(cfg["sft_seq_len"]),
                   "--batch-size", "24", "--max-steps", str(s), "--eval-every", str(max(1, s // 4)),
                   "--save-every", str(s), "--warmup-steps", str(max(1, s // 30)), "--lr", "5e-3"])
     secs["sft"] = time.perf_counter() - t0
@@ -142,7 +144,8 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     t0 = time.perf_counter()
     s = cfg["dpo_steps"]
     dpo = _stage(["dpo", "--init", str(out / "sft"), "--data", str(paths["dpo_train"]),
-                  "--eval-data", str(paths["dpo_eval"]), "--out", str(out / "dpo"), "--seq-len", "288",
+                  "--eval-data", str(paths["dpo_eval"]), "--out", str(out / "dpo"),
+                  "--seq-len", str(cfg["sft_seq_len"]),
                   "--batch-size", "16", "--max-steps", str(s), "--eval-every", str(s), "--eval-batches", "16",
                   "--save-every", str(s), "--warmup-steps", str(max(1, s // 10)), "--lr", "3e-5",
                   "--sft-weight", "5"])
