@@ -61,7 +61,9 @@ def test_dpo_accepts_strings_and_message_lists(tmp_path):
          "chosen": [{"role": "assistant", "content": "good2"}], "rejected": [{"role": "assistant", "content": "bad2"}]},
     ])
     a, b = load_dpo(path)
-    assert a == {"prompt": [{"role": "user", "content": "q1"}], "chosen": "good", "rejected": "bad"}
+    assert {k: a[k] for k in ("prompt", "chosen", "rejected")} == {
+        "prompt": [{"role": "user", "content": "q1"}], "chosen": "good", "rejected": "bad"}
+    assert a["images"] == [] and a["where"].endswith("dpo.jsonl:1")
     assert b["prompt"][1] == {"role": "user", "content": "q2"} and b["chosen"] == "good2"
 
 

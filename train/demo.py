@@ -268,9 +268,10 @@ def _export_and_compare(out: Path, tok) -> tuple[int, Path]:
         text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                        add_generation_prompt=True, enable_thinking=think)
         ids = tok.encode(text, add_special_tokens=False)
-        mine = generate(ours, [ids], 320, stop_ids=stop, pad_id=pad)[0]
+        budget = min(320, ours.config.max_position_embeddings - len(ids))  # both stop at the model's context
+        mine = generate(ours, [ids], budget, stop_ids=stop, pad_id=pad)[0]
         with torch.no_grad():
-            gen = hf_model.generate(torch.tensor([ids]), max_new_tokens=320, do_sample=False, eos_token_id=stop,
+            gen = hf_model.generate(torch.tensor([ids]), max_new_tokens=budget, do_sample=False, eos_token_id=stop,
                                     pad_token_id=pad)
         agree += gen[0, len(ids):].tolist() == mine
     print(f"  transformers {type(hf_model).__name__} loaded {hf_dir} without trust_remote_code; "
