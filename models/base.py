@@ -24,6 +24,13 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 class CausalLMBase(nn.Module):
     """Subclasses have `self.config` and `self.model` with `embed_tokens` and `rotary_emb`."""
 
+    def add_lm_head(self) -> None:
+        """The output projection, sharing the embedding matrix when the config ties them."""
+        c = self.config
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -48,9 +48,7 @@ class DenseLM(CausalLMBase):
         super().__init__()
         self.config = config.validate()
         self.model = DenseBackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.add_lm_head()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -200,9 +200,7 @@ class MoELM(CausalLMBase):
         super().__init__()
         self.config = config.validate()
         self.model = MoEBackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.add_lm_head()
         self.mtp = MTPModule(config) if config.num_mtp_layers else None
         self.reset_parameters()
 
