@@ -165,11 +165,6 @@ class MoEConfig:
                                   f"'original_max_position_embeddings', got {rs!r}")
         return self
 
-    def num_parameters(self) -> int:
-        from .moe import MoELM  # the exact count, from the module itself
-
-        return MoELM(self).num_parameters()
-
     def to_dict(self) -> dict:
         return {"model_type": self.model_type, **dataclasses.asdict(self)}
 

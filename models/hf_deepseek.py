@@ -30,6 +30,7 @@ _EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_
 _HF_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _MTP_RENAMES = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
                 "norm.weight": "shared_head.norm.weight"}
+_MTP_NAMES = {v: k for k, v in _MTP_RENAMES.items()}  # DeepSeek's layer-N names -> ours
 
 
 def deepseek_v3_config(config: MoEConfig, special: dict[str, int]):
@@ -131,11 +132,10 @@ def from_deepseek_state(state: dict[str, torch.Tensor], config: MoEConfig) -> di
             renamed[key] = value
             continue
         rest = key[len(mtp_prefix):]
-        inverse = {v: k for k, v in _MTP_RENAMES.items()}
         if rest in ("embed_tokens.weight", "shared_head.head.weight"):
             continue  # DeepSeek's files repeat the shared embedding and head here
-        if rest in inverse:
-            renamed[f"mtp.{inverse[rest]}"] = value
+        if rest in _MTP_NAMES:
+            renamed[f"mtp.{_MTP_NAMES[rest]}"] = value
         elif config.num_mtp_layers:
             renamed[f"mtp.block.{rest}"] = value
         # without an MTP module in the config, the layer's weights are not part of the model

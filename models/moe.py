@@ -90,7 +90,8 @@ class RoutedExperts(nn.Module):
 
 class DeepSeekMoE(nn.Module):
     """Shared experts + routed experts. Records per-expert token counts while training (for the bias
-    update) and returns the row-averaged sequence-wise balance statistic sum_i f_i P_i."""
+    update) and returns the row-averaged sequence-wise balance statistic sum_i f_i P_i (None when not
+    asked for: generation has no loss to add it to)."""
 
     def __init__(self, config: MoEConfig):
         super().__init__()
@@ -112,7 +113,7 @@ class DeepSeekMoE(nn.Module):
             return expert_parallel_experts(x, idx, weight, ex, self.backend)
         return kernels.moe_experts(x, idx, weight, ex.gate_up_proj, ex.down_proj, backend=self.backend)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, with_balance: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, t, h = x.shape
         flat = x.reshape(-1, h)
         idx, weight, scores = self.gate(flat)
@@ -122,6 +123,8 @@ class DeepSeekMoE(nn.Module):
         if self.training and torch.is_grad_enabled():
             counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts).float()
             self.load = counts if self.load is None else self.load + counts
+        if not with_balance:  # generation: no loss to add it to
+            return y, None
         return y, self.balance_statistic(idx.view(b, t, -1), scores.view(b, t, -1))
 
     def balance_statistic(self, idx: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -158,11 +161,12 @@ class MoEDecoderLayer(nn.Module):
         self.is_moe = layer_idx >= c.first_k_dense_replace
         self.mlp = DeepSeekMoE(c) if self.is_moe else SwiGLUMLP(c.hidden_size, c.intermediate_size, c.kernel_backend)
 
-    def forward(self, x, cos, sin, mask=None, kv_cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x, cos, sin, mask=None, kv_cache=None,
+                with_balance: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            y, balance = self.mlp(h)
+            y, balance = self.mlp(h, with_balance)
             return x + y, balance
         return x + self.mlp(h), None
 
@@ -236,7 +240,7 @@ class MoELM(CausalLMBase):
                                          kv_cache)
         balances = []
         for layer in self.model.layers:
-            h, balance = layer(h, cos, sin, mask, kv_cache)
+            h, balance = layer(h, cos, sin, mask, kv_cache, with_balance=targets is not None)
             if balance is not None:
                 balances.append(balance)
         if kv_cache is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 
 import torch
 
@@ -30,7 +29,7 @@ from .chat_data import DPODataset, build_dpo_examples, dpo_collate
 from .data import load_dpo
 from .errors import UserError
 from .losses import LOSS_TYPES, chosen_nll, dpo_loss, sequence_logps
-from .stage import Run, add_finetune_data_args, fit_and_summarize, freeze_except, load_examples, vision_inputs
+from .stage import Run, add_finetune_data_args, finetune_examples, fit_and_summarize, freeze_except
 from .tokenizer import PAD
 from .trainer import Trainer
 
@@ -101,9 +100,7 @@ def run(ns: argparse.Namespace) -> dict:
     tok = run_dir.tokenizer
     model = run_dir.starting_model(ns.seed, ns.kernels)
     trainable = freeze_except(model, ns.train)
-    image_tokens, loader = vision_inputs(model)
-    build = functools.partial(build_dpo_examples, image_tokens=image_tokens)
-    train_ex, eval_ex, dropped = load_examples(ns, load_dpo, build, tok)
+    train_ex, eval_ex, dropped, loader = finetune_examples(ns, model, load_dpo, build_dpo_examples, tok)
     train_set = DPODataset(train_ex, loader)
     eval_set = DPODataset(eval_ex, loader) if eval_ex else None
     reference_copy = copy.deepcopy(model) if ns.reference == "model" and run_dir.resume_ckpt is None else None

@@ -84,15 +84,15 @@ class TorchEngine:
         rank, _, world = dist_info()
         self.world = world
         self.ep_group = self.edp_group = None
-        self.expert_names: set[str] = set()
+        self.expert_params: dict[str, torch.nn.Parameter] = {}  # this rank's expert slices, by name
         if world > 1:
             init_process_group(device)
         if expert_parallel_size > 1:
             self._shard_experts(rank, world, expert_parallel_size)
         if world > 1:
-            if self.expert_names:
+            if self.expert_params:
                 torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                    model, sorted(self.expert_names))
+                    model, sorted(self.expert_params))
             ids = [device.index] if device.type == "cuda" else None
             self.module = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         fused = all(p.is_cuda for p in model.parameters())
@@ -123,7 +123,12 @@ class TorchEngine:
             if rank % ep == j:
                 self.edp_group = g
         shard_experts(self.model, self.ep_group, rank % ep, ep)
-        self.expert_names = set(expert_parameter_names(self.model))
+        params = dict(self.model.named_parameters())
+        self.expert_params = {name: params[name] for name in expert_parameter_names(self.model)}
+
+    @property
+    def expert_names(self) -> set[str]:
+        return set(self.expert_params)
 
     @property
     def lr(self) -> float:
@@ -137,9 +142,7 @@ class TorchEngine:
         import torch.distributed as dist
 
         sq = torch.zeros((), dtype=torch.float64)
-        for name, p in self.model.named_parameters():
-            if name not in self.expert_names:
-                continue
+        for p in self.expert_params.values():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             if dist.get_world_size(self.edp_group) > 1:
@@ -153,7 +156,7 @@ class TorchEngine:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.ep_group is not None:
             expert_sq = self._reduce_expert_grads()
-            expert_ids = {id(p) for n, p in self.model.named_parameters() if n in self.expert_names}
+            expert_ids = {id(p) for p in self.expert_params.values()}
             dense = [p.grad for p in params if p.grad is not None and id(p) not in expert_ids]
             dense_sq = float(sum(g.double().pow(2).sum() for g in dense)) if dense else 0.0
             norm = math.sqrt(dense_sq + expert_sq)
@@ -183,11 +186,9 @@ class TorchEngine:
     def load_state(self, ckpt_dir: Path) -> dict:
         weights = read_weights(ckpt_dir / "model.safetensors")
         if self.ep_group is not None:  # this rank's slice of every expert tensor
-            local = self.model.state_dict()
-            for name in self.expert_names:
-                offset = next(m.offset for n, m in self.model.named_modules() if name.startswith(n + ".")
-                              and hasattr(m, "offset"))
-                weights[name] = weights[name][offset:offset + local[name].shape[0]]
+            for name, p in self.expert_params.items():
+                offset = self.model.get_submodule(name.rsplit(".", 1)[0]).offset
+                weights[name] = weights[name][offset:offset + p.shape[0]]
         load_state_strict(self.model, weights, str(ckpt_dir))
         path = ckpt_dir / self._state_file()
         try:

@@ -9,14 +9,13 @@ See train/chat_data.py for the loss mask and the truncation policy.
 from __future__ import annotations
 
 import argparse
-import functools
 
 from .args import add_train_args, train_args_from
 from .chat_data import PackedSFTDataset, SFTDataset, build_sft_examples, pad_collate
 from .data import load_sft
 from .errors import UserError
 from .losses import lm_loss
-from .stage import Run, add_finetune_data_args, fit_and_summarize, freeze_except, load_examples, vision_inputs
+from .stage import Run, add_finetune_data_args, finetune_examples, fit_and_summarize, freeze_except
 from .tokenizer import PAD
 from .trainer import Trainer
 
@@ -39,9 +38,7 @@ def run(ns: argparse.Namespace) -> dict:
     if ns.seq_len > model.config.max_position_embeddings:
         raise UserError(f"--seq-len {ns.seq_len} is longer than the model's context "
                         f"(max_position_embeddings={model.config.max_position_embeddings})")
-    image_tokens, loader = vision_inputs(model)
-    build = functools.partial(build_sft_examples, image_tokens=image_tokens)
-    train_ex, eval_ex, dropped = load_examples(ns, load_sft, build, tok)
+    train_ex, eval_ex, dropped, loader = finetune_examples(ns, model, load_sft, build_sft_examples, tok)
     pad = tok.convert_tokens_to_ids(PAD)
     if ns.pack:
         make = lambda ex: PackedSFTDataset(ex, ns.seq_len, pad, loader)  # noqa: E731

@@ -4,6 +4,7 @@ the held-out split."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -130,3 +131,11 @@ def freeze_except(model, parts: str) -> int:
         p.requires_grad_(name.startswith(prefixes))
         n += p.numel() if p.requires_grad else 0
     return n
+
+
+def finetune_examples(ns: argparse.Namespace, model, load, build, tokenizer):
+    """(train examples, held-out examples, number dropped, image loader) for SFT or DPO: a VLM's image
+    placeholders expand to its image tokens and its rows carry their images."""
+    image_tokens, loader = vision_inputs(model)
+    build = functools.partial(build, image_tokens=image_tokens)
+    return (*load_examples(ns, load, build, tokenizer), loader)
