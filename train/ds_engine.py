@@ -12,6 +12,7 @@ trainer's state (step, data position, RNG) inside as client state.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -22,6 +23,25 @@ from .engine import OptimConfig, param_groups, schedule
 from .errors import UserError
 
 
+def _unlink_shm_buffer(device: torch.device) -> None:
+    """Remove this rank's name for DeepSpeed's CPU shared-memory all-reduce buffer.
+
+    On the CPU accelerator every rank creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+    (about 70 MB) and maps its peers' buffers, and DeepSpeed never unlinks them: each run would leave its
+    buffers in /dev/shm (RAM) for good. Once every rank has mapped every buffer (init_distributed returns
+    after that; the barrier makes sure all ranks are there), the names can go: the mappings stay valid
+    until the processes exit, and the memory is freed then, however they exit.
+    """
+    import torch.distributed as dist
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if device.type != "cpu" or not (addr and port and dist.is_initialized()):
+        return
+    dist.barrier()
+    name = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
+    name.unlink(missing_ok=True)
+
+
 class DeepSpeedEngine:
     def __init__(self, model: torch.nn.Module, cfg: OptimConfig, device: torch.device, config_path: str,
                  micro_batch: int):
@@ -30,6 +50,8 @@ class DeepSpeedEngine:
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)  # DeepSpeed's info lines would drown the progress bar
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        _unlink_shm_buffer(device)
         self.cfg = cfg
         world = dist_info()[2]
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
