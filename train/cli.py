@@ -31,6 +31,9 @@ def run_guarded(fn: Callable[[], object]) -> None:
     """Run fn; bad input ends with one 'error: ...' line on stderr and exit status 2, no traceback."""
     try:
         fn()
+        from .distributed import shutdown
+
+        shutdown()
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

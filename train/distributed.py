@@ -41,6 +41,18 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def shutdown() -> None:
+    """End a launcher-started run cleanly: wait for every rank, then tear the process group down.
+
+    Exiting with the group alive leaves its communication threads to die with the interpreter, which
+    now and then aborts a rank at exit ("terminate called without an active exception", status -6)
+    after the work is done and saved.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def init_process_group(device: torch.device) -> None:
     """Start the default process group for a launcher-started run (torchrun without DeepSpeed)."""
     if dist.is_initialized():
