@@ -13,6 +13,7 @@ from ._backend import BACKENDS, ENV_VAR, check_backend, requested_backend, resol
 from ._triton import HAS_TRITON
 from .mla_attention import mla_attention_reference, mla_decode_reference
 from .moe_dispatch import grouped_mlp_reference, moe_combine, moe_experts_reference, moe_permute
+from .moe_dispatch_triton import grouped_mlp_triton, moe_experts_triton
 from .rms_norm import rms_norm_reference, rms_norm_triton
 from .rope import LAYOUTS, apply_rope_reference, apply_rope_triton
 from .swiglu import swiglu_reference, swiglu_triton
@@ -39,7 +40,8 @@ __all__ = [
 
 # op name -> Triton implementation (ops without one yet run their reference under `auto`)
 _TRITON_OPS: dict[str, object] = (
-    {"rms_norm": rms_norm_triton, "swiglu": swiglu_triton, "apply_rope": apply_rope_triton} if HAS_TRITON else {}
+    {"rms_norm": rms_norm_triton, "swiglu": swiglu_triton, "apply_rope": apply_rope_triton,
+     "moe_experts": moe_experts_triton, "grouped_mlp": grouped_mlp_triton} if HAS_TRITON else {}
 )
 
 
