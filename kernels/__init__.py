@@ -12,6 +12,7 @@ import torch
 from ._backend import BACKENDS, ENV_VAR, check_backend, requested_backend, resolve_backend
 from ._triton import HAS_TRITON
 from .mla_attention import mla_attention_reference, mla_decode_reference
+from .mla_attention_triton import mla_attention_triton, mla_decode_triton
 from .moe_dispatch import grouped_mlp_reference, moe_combine, moe_experts_reference, moe_permute
 from .moe_dispatch_triton import grouped_mlp_triton, moe_experts_triton
 from .rms_norm import rms_norm_reference, rms_norm_triton
@@ -41,7 +42,8 @@ __all__ = [
 # op name -> Triton implementation (ops without one yet run their reference under `auto`)
 _TRITON_OPS: dict[str, object] = (
     {"rms_norm": rms_norm_triton, "swiglu": swiglu_triton, "apply_rope": apply_rope_triton,
-     "moe_experts": moe_experts_triton, "grouped_mlp": grouped_mlp_triton} if HAS_TRITON else {}
+     "moe_experts": moe_experts_triton, "grouped_mlp": grouped_mlp_triton, "mla_attention": mla_attention_triton,
+     "mla_decode": mla_decode_triton} if HAS_TRITON else {}
 )
 
 
