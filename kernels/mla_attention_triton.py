@@ -31,10 +31,14 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _blocks(t: int, s: int) -> tuple[int, int]:
+def _blocks() -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the training kernels: small under the interpreter, FA2-like on a GPU."""
     if interpreting():
         return 16, 16
     return 64, 64
+
+
+BWD_WARPS = 8  # the backward holds three key-side accumulators (dk_nope, dk_rope, dv) per program
 
 
 @triton.jit
@@ -308,7 +312,7 @@ class MLAAttentionFunction(torch.autograd.Function):
         b, h, t, dn = q_nope.shape
         s, dr, dv = k_nope.shape[2], q_rope.shape[-1], v.shape[-1]
         mode, ss, ss_b, m, m_str = _mode_args(mask, seq_start, b, h, t, s, q_nope.device)
-        bm, bn = _blocks(t, s)
+        bm, bn = _blocks()
         out = torch.empty(b, h, t, dv, dtype=q_nope.dtype, device=q_nope.device)
         lse = torch.empty(b * h, t, dtype=torch.float32, device=q_nope.device)
         consts = dict(MODE=mode, FP32_DOT=interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_DN=_pow2(dn),
@@ -342,10 +346,10 @@ class MLAAttentionFunction(torch.autograd.Function):
             tail = (ctx.ss_b, *ctx.m_str, h, t, s, dn, dr, dv, s - t, ctx.scale)
             _bwd_dkdv[(triton.cdiv(s, bn), b * h)](
                 q_nope, q_rope, k_nope, k_rope, v, dout, lse, delta, dk_nope, dk_rope_heads, dv_, ss, m, *common,
-                *_strides3(dk_nope), *_strides3(dk_rope_heads), *_strides3(dv_), *tail, **consts)
+                *_strides3(dk_nope), *_strides3(dk_rope_heads), *_strides3(dv_), *tail, num_warps=BWD_WARPS, **consts)
             _bwd_dq[(triton.cdiv(t, bm), b * h)](
                 q_nope, q_rope, k_nope, k_rope, v, dout, lse, delta, dq_nope, dq_rope, ss, m, *common,
-                *_strides3(dq_nope), *_strides3(dq_rope), *tail, **consts)
+                *_strides3(dq_nope), *_strides3(dq_rope), *tail, num_warps=BWD_WARPS, **consts)
         else:
             dk_nope.zero_(), dv_.zero_(), dk_rope_heads.zero_()
         dk_rope = dk_rope_heads.sum(1, keepdim=True).to(k_rope.dtype)  # the shared rope key: sum over heads
@@ -451,7 +455,7 @@ def mla_decode_triton(q_latent, q_rope, c_kv, k_rope, scale: float, mask=None, n
     b, h, t, r = q_latent.shape
     s, dr = c_kv.shape[1], q_rope.shape[-1]
     mode, _, _, m, m_str = _mode_args(mask, None, b, h, t, s, q_latent.device)
-    bm, bn = _blocks(t, s)
+    bm, bn = 16, 32  # a few (head, query) rows per program; the latent row (512 wide) is the large operand
     if num_splits is None:  # enough programs to fill the device; a split of at least a few key blocks
         rows_blocks = triton.cdiv(h * t, bm)
         sms = torch.cuda.get_device_properties(q_latent.device).multi_processor_count if q_latent.is_cuda else 4
