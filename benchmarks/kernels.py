@@ -205,11 +205,16 @@ def run(smoke: bool, out_dir: Path = RESULTS, compile_: bool = True) -> Path:
     return write_table(rows, device, dtype, copy_gbs, out_dir, smoke)
 
 
-def write_table(rows, device, dtype, copy_gbs, out_dir: Path, smoke: bool) -> Path:
+def results_path(out_dir: Path, device: str, kind: str, smoke: bool) -> tuple[Path, str, str]:
+    """(benchmarks/results/DATE-DEVICE-KIND[-smoke].md, the device's name, the date)."""
     name = device_name(device)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     date = dt.date.today().isoformat()
-    path = out_dir / f"{date}-{slug}-kernels{'-smoke' if smoke else ''}.md"
+    return out_dir / f"{date}-{slug}-{kind}{'-smoke' if smoke else ''}.md", name, date
+
+
+def write_table(rows, device, dtype, copy_gbs, out_dir: Path, smoke: bool) -> Path:
+    path, name, date = results_path(out_dir, device, "kernels", smoke)
     lines = [f"# Kernels: RMSNorm, SwiGLU, RoPE on {name} ({date})", "",
              f"dtype {str(dtype).removeprefix('torch.')}, torch {torch.__version__}"
              + (f", triton {__import__('triton').__version__}" if kernels.HAS_TRITON else "")
@@ -230,11 +235,16 @@ def write_table(rows, device, dtype, copy_gbs, out_dir: Path, smoke: bool) -> Pa
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks that the script runs")
-    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baseline")
     p.add_argument("--out", default=str(RESULTS))
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = bench_parser(__doc__)
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baseline")
     ns = p.parse_args(argv)
     run(ns.smoke, Path(ns.out), compile_=not ns.no_compile)
 

@@ -20,16 +20,13 @@ The table goes to benchmarks/results/DATE-DEVICE-mla-moe.md.
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.kernels import RESULTS, _bench, copy_bandwidth, device_name
+from benchmarks.kernels import RESULTS, _bench, bench_parser, copy_bandwidth, results_path
 from kernels.mla_attention import mla_attention_reference, mla_decode_reference
 from kernels.mla_attention_triton import mla_attention_triton, mla_decode_triton
 from kernels.moe_dispatch import moe_experts_reference
@@ -185,10 +182,7 @@ def run(smoke: bool, out_dir: Path = RESULTS) -> Path:
     peak = matmul_rate(device, dtype, mm)
     rows = mla_train_rows(device, dtype, train, peak) + mla_decode_rows(device, dtype, decode, copy_gbs)
     rows += moe_rows(device, dtype, moe, peak)
-    name = device_name(device)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    date = dt.date.today().isoformat()
-    path = out_dir / f"{date}-{slug}-mla-moe{'-smoke' if smoke else ''}.md"
+    path, name, date = results_path(out_dir, device, "mla-moe", smoke)
     lines = [f"# Kernels: MLA attention, MLA decoding, MoE layer on {name} ({date})", "",
              f"dtype {str(dtype).removeprefix('torch.')}, torch {torch.__version__}. Measured in this run: "
              f"copy bandwidth **{copy_gbs:,.0f} GB/s**, {mm}^3 matmul **{peak:,.1f} TFLOP/s**. "
@@ -202,10 +196,7 @@ def run(smoke: bool, out_dir: Path = RESULTS) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks that the script runs")
-    p.add_argument("--out", default=str(RESULTS))
-    ns = p.parse_args(argv)
+    ns = bench_parser(__doc__).parse_args(argv)
     run(ns.smoke, Path(ns.out))
 
 

@@ -42,6 +42,13 @@ BWD_WARPS = 8  # the backward holds three key-side accumulators (dk_nope, dk_rop
 
 
 @triton.jit
+def _rows(ptr, pos, ok, stride, n, BLOCK_D: tl.constexpr):
+    """[len(pos), BLOCK_D] tile of rows `pos` (row stride `stride`, n valid columns); zeros elsewhere."""
+    d = tl.arange(0, BLOCK_D)
+    return tl.load(ptr + pos[:, None] * stride + d[None, :], mask=ok[:, None] & (d[None, :] < n), other=0.0)
+
+
+@triton.jit
 def _visible(q_pos, k_pos, q_ok, k_ok, b, h, SEQ_START, MASK, stride_sb, stride_mb, stride_mh, stride_mt,
              stride_ms, OFFSET, MODE: tl.constexpr):
     """[BM, BN] boolean: may query q_pos see key k_pos. MODE 0 causal, 1 sequence starts, 2 mask tensor."""
@@ -77,15 +84,11 @@ def _key_range(q0, T, S, b, SEQ_START, stride_sb, OFFSET, MODE: tl.constexpr, BL
 @triton.jit
 def _scores(QN, QR, kn_ptr, kr_ptr, k_pos, k_ok, stride_kn_s, stride_kr_s, DN, DR,
             BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, FP32_DOT: tl.constexpr):
-    dn = tl.arange(0, BLOCK_DN)
-    dr = tl.arange(0, BLOCK_DR)
-    kn = tl.load(kn_ptr + k_pos[None, :] * stride_kn_s + dn[:, None],
-                 mask=k_ok[None, :] & (dn[:, None] < DN), other=0.0)
-    kr = tl.load(kr_ptr + k_pos[None, :] * stride_kr_s + dr[:, None],
-                 mask=k_ok[None, :] & (dr[:, None] < DR), other=0.0)
+    kn = _rows(kn_ptr, k_pos, k_ok, stride_kn_s, DN, BLOCK_DN)
+    kr = _rows(kr_ptr, k_pos, k_ok, stride_kr_s, DR, BLOCK_DR)
     if FP32_DOT:
         kn, kr = kn.to(tl.float32), kr.to(tl.float32)
-    return tl.dot(QN, kn) + tl.dot(QR, kr)
+    return tl.dot(QN, tl.trans(kn)) + tl.dot(QR, tl.trans(kr))
 
 
 @triton.jit
@@ -102,11 +105,9 @@ def _mla_fwd(QN, QR, KN, KR, V, OUT, LSE, SEQ_START, MASK,
     q0 = pid_m * BLOCK_M
     q_pos = q0 + tl.arange(0, BLOCK_M)
     q_ok = q_pos < T
-    dn, dr, dv = tl.arange(0, BLOCK_DN), tl.arange(0, BLOCK_DR), tl.arange(0, BLOCK_DV)
-    qn = tl.load(QN + b * sqn_b + h * sqn_h + q_pos[:, None] * sqn_t + dn[None, :],
-                 mask=q_ok[:, None] & (dn[None, :] < DN), other=0.0)
-    qr = tl.load(QR + b * sqr_b + h * sqr_h + q_pos[:, None] * sqr_t + dr[None, :],
-                 mask=q_ok[:, None] & (dr[None, :] < DR), other=0.0)
+    dv = tl.arange(0, BLOCK_DV)
+    qn = _rows(QN + b * sqn_b + h * sqn_h, q_pos, q_ok, sqn_t, DN, BLOCK_DN)
+    qr = _rows(QR + b * sqr_b + h * sqr_h, q_pos, q_ok, sqr_t, DR, BLOCK_DR)
     if FP32_DOT:
         qn, qr = qn.to(tl.float32), qr.to(tl.float32)
     kn_ptr = KN + b * skn_b + h * skn_h
@@ -129,7 +130,7 @@ def _mla_fwd(QN, QR, KN, KR, V, OUT, LSE, SEQ_START, MASK,
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + k_pos[:, None] * sv_s + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        v = _rows(v_ptr, k_pos, k_ok, sv_s, DV, BLOCK_DV)
         if FP32_DOT:
             v = v.to(tl.float32)
         else:
@@ -150,11 +151,35 @@ def _bwd_delta(OUT, DO, DELTA, so_b, so_h, so_t, sdo_b, sdo_h, sdo_t, H, T, DV,
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     q_pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dv = tl.arange(0, BLOCK_DV)
-    m = (q_pos[:, None] < T) & (dv[None, :] < DV)
-    o = tl.load(OUT + b * so_b + h * so_h + q_pos[:, None] * so_t + dv[None, :], mask=m, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + q_pos[:, None] * sdo_t + dv[None, :], mask=m, other=0.0).to(tl.float32)
+    o = _rows(OUT + b * so_b + h * so_h, q_pos, q_pos < T, so_t, DV, BLOCK_DV).to(tl.float32)
+    do = _rows(DO + b * sdo_b + h * sdo_h, q_pos, q_pos < T, sdo_t, DV, BLOCK_DV).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * T + q_pos, tl.sum(o * do, axis=1), mask=q_pos < T)
+
+
+@triton.jit
+def _query_side(qn_ptr, qr_ptr, do_ptr, LSE, DELTA, bh, q_pos, q_ok, sqn_t, sqr_t, sdo_t, T, DN, DR, DV,
+                FP32_DOT: tl.constexpr, BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """What the backward needs of a query block: q_nope, q_rope, dO tiles, log-sum-exp and delta."""
+    qn = _rows(qn_ptr, q_pos, q_ok, sqn_t, DN, BLOCK_DN)
+    qr = _rows(qr_ptr, q_pos, q_ok, sqr_t, DR, BLOCK_DR)
+    do = _rows(do_ptr, q_pos, q_ok, sdo_t, DV, BLOCK_DV)
+    if FP32_DOT:
+        qn, qr, do = qn.to(tl.float32), qr.to(tl.float32), do.to(tl.float32)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + q_pos, mask=q_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + q_pos, mask=q_ok, other=0.0)
+    return qn, qr, do, lse, delta
+
+
+@triton.jit
+def _key_side(kn_ptr, kr_ptr, v_ptr, k_pos, k_ok, skn_s, skr_s, sv_s, DN, DR, DV,
+              FP32_DOT: tl.constexpr, BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """k_nope, the shared k_rope and v tiles of a key block."""
+    kn = _rows(kn_ptr, k_pos, k_ok, skn_s, DN, BLOCK_DN)
+    kr = _rows(kr_ptr, k_pos, k_ok, skr_s, DR, BLOCK_DR)
+    v = _rows(v_ptr, k_pos, k_ok, sv_s, DV, BLOCK_DV)
+    if FP32_DOT:
+        kn, kr, v = kn.to(tl.float32), kr.to(tl.float32), v.to(tl.float32)
+    return kn, kr, v
 
 
 @triton.jit
@@ -171,14 +196,8 @@ def _bwd_dkdv(QN, QR, KN, KR, V, DO, LSE, DELTA, DKN, DKR, DV_, SEQ_START, MASK,
     k_pos = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = k_pos < S
     dn, dr, dv = tl.arange(0, BLOCK_DN), tl.arange(0, BLOCK_DR), tl.arange(0, BLOCK_DV)
-    kn = tl.load(KN + b * skn_b + h * skn_h + k_pos[:, None] * skn_s + dn[None, :],
-                 mask=k_ok[:, None] & (dn[None, :] < DN), other=0.0)
-    kr = tl.load(KR + b * skr_b + k_pos[:, None] * skr_s + dr[None, :],
-                 mask=k_ok[:, None] & (dr[None, :] < DR), other=0.0)
-    v = tl.load(V + b * sv_b + h * sv_h + k_pos[:, None] * sv_s + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV),
-                other=0.0)
-    if FP32_DOT:
-        kn, kr, v = kn.to(tl.float32), kr.to(tl.float32), v.to(tl.float32)
+    kn, kr, v = _key_side(KN + b * skn_b + h * skn_h, KR + b * skr_b, V + b * sv_b + h * sv_h, k_pos, k_ok,
+                          skn_s, skr_s, sv_s, DN, DR, DV, FP32_DOT, BLOCK_DN, BLOCK_DR, BLOCK_DV)
     dkn = tl.zeros((BLOCK_N, BLOCK_DN), tl.float32)
     dkr = tl.zeros((BLOCK_N, BLOCK_DR), tl.float32)
     dvv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
@@ -193,16 +212,9 @@ def _bwd_dkdv(QN, QR, KN, KR, V, DO, LSE, DELTA, DKN, DKR, DV_, SEQ_START, MASK,
     for q0 in range(q_lo, T, BLOCK_M):
         q_pos = q0 + tl.arange(0, BLOCK_M)
         q_ok = q_pos < T
-        qn = tl.load(QN + b * sqn_b + h * sqn_h + q_pos[:, None] * sqn_t + dn[None, :],
-                     mask=q_ok[:, None] & (dn[None, :] < DN), other=0.0)
-        qr = tl.load(QR + b * sqr_b + h * sqr_h + q_pos[:, None] * sqr_t + dr[None, :],
-                     mask=q_ok[:, None] & (dr[None, :] < DR), other=0.0)
-        do = tl.load(DO + b * sdo_b + h * sdo_h + q_pos[:, None] * sdo_t + dv[None, :],
-                     mask=q_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        if FP32_DOT:
-            qn, qr, do = qn.to(tl.float32), qr.to(tl.float32), do.to(tl.float32)
-        lse = tl.load(LSE + bh.to(tl.int64) * T + q_pos, mask=q_ok, other=float("inf"))
-        delta = tl.load(DELTA + bh.to(tl.int64) * T + q_pos, mask=q_ok, other=0.0)
+        qn, qr, do, lse, delta = _query_side(QN + b * sqn_b + h * sqn_h, QR + b * sqr_b + h * sqr_h,
+                                             DO + b * sdo_b + h * sdo_h, LSE, DELTA, bh, q_pos, q_ok, sqn_t, sqr_t,
+                                             sdo_t, T, DN, DR, DV, FP32_DOT, BLOCK_DN, BLOCK_DR, BLOCK_DV)
         s = tl.dot(qn, tl.trans(kn)) + tl.dot(qr, tl.trans(kr))  # [BM, BN]
         vis = _visible(q_pos, k_pos, q_ok, k_ok, b, h, SEQ_START, MASK, stride_sb, smb, smh, smt, sms, OFFSET, MODE)
         p = tl.where(vis, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
@@ -239,17 +251,10 @@ def _bwd_dq(QN, QR, KN, KR, V, DO, LSE, DELTA, DQN, DQR, SEQ_START, MASK,
     q0 = pid_m * BLOCK_M
     q_pos = q0 + tl.arange(0, BLOCK_M)
     q_ok = q_pos < T
-    dn, dr, dv = tl.arange(0, BLOCK_DN), tl.arange(0, BLOCK_DR), tl.arange(0, BLOCK_DV)
-    qn = tl.load(QN + b * sqn_b + h * sqn_h + q_pos[:, None] * sqn_t + dn[None, :],
-                 mask=q_ok[:, None] & (dn[None, :] < DN), other=0.0)
-    qr = tl.load(QR + b * sqr_b + h * sqr_h + q_pos[:, None] * sqr_t + dr[None, :],
-                 mask=q_ok[:, None] & (dr[None, :] < DR), other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + q_pos[:, None] * sdo_t + dv[None, :],
-                 mask=q_ok[:, None] & (dv[None, :] < DV), other=0.0)
-    if FP32_DOT:
-        qn, qr, do = qn.to(tl.float32), qr.to(tl.float32), do.to(tl.float32)
-    lse = tl.load(LSE + bh.to(tl.int64) * T + q_pos, mask=q_ok, other=float("inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + q_pos, mask=q_ok, other=0.0)
+    dn, dr = tl.arange(0, BLOCK_DN), tl.arange(0, BLOCK_DR)
+    qn, qr, do, lse, delta = _query_side(QN + b * sqn_b + h * sqn_h, QR + b * sqr_b + h * sqr_h,
+                                         DO + b * sdo_b + h * sdo_h, LSE, DELTA, bh, q_pos, q_ok, sqn_t, sqr_t,
+                                         sdo_t, T, DN, DR, DV, FP32_DOT, BLOCK_DN, BLOCK_DR, BLOCK_DV)
     dqn = tl.zeros((BLOCK_M, BLOCK_DN), tl.float32)
     dqr = tl.zeros((BLOCK_M, BLOCK_DR), tl.float32)
     qk_scale = scale * 1.4426950408889634
@@ -260,12 +265,8 @@ def _bwd_dq(QN, QR, KN, KR, V, DO, LSE, DELTA, DQN, DQR, SEQ_START, MASK,
     for k0 in range(lo, hi, BLOCK_N):
         k_pos = k0 + tl.arange(0, BLOCK_N)
         k_ok = k_pos < S
-        kn = tl.load(kn_ptr + k_pos[:, None] * skn_s + dn[None, :], mask=k_ok[:, None] & (dn[None, :] < DN), other=0.0)
-        kr = tl.load(kr_ptr + k_pos[:, None] * skr_s + dr[None, :], mask=k_ok[:, None] & (dr[None, :] < DR), other=0.0)
-        v = tl.load(V + b * sv_b + h * sv_h + k_pos[:, None] * sv_s + dv[None, :],
-                    mask=k_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        if FP32_DOT:
-            kn, kr, v = kn.to(tl.float32), kr.to(tl.float32), v.to(tl.float32)
+        kn, kr, v = _key_side(kn_ptr, kr_ptr, V + b * sv_b + h * sv_h, k_pos, k_ok, skn_s, skr_s, sv_s, DN, DR, DV,
+                              FP32_DOT, BLOCK_DN, BLOCK_DR, BLOCK_DV)
         s = tl.dot(qn, tl.trans(kn)) + tl.dot(qr, tl.trans(kr))
         vis = _visible(q_pos, k_pos, q_ok, k_ok, b, h, SEQ_START, MASK, stride_sb, smb, smh, smt, sms, OFFSET, MODE)
         p = tl.where(vis, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
@@ -399,10 +400,8 @@ def _mla_decode_split(QL, QR, CKV, KR, PO, PLSE, MASK,
     for k0 in range(k_start, k_end, BLOCK_N):
         k_pos = k0 + tl.arange(0, BLOCK_N)
         k_ok = k_pos < k_end
-        c = tl.load(CKV + b * sc_b + k_pos[:, None] * sc_s + rr[None, :], mask=k_ok[:, None] & (rr[None, :] < R),
-                    other=0.0)
-        kr = tl.load(KR + b * skr_b + k_pos[:, None] * skr_s + dr[None, :], mask=k_ok[:, None] & (dr[None, :] < DR),
-                     other=0.0)
+        c = _rows(CKV + b * sc_b, k_pos, k_ok, sc_s, R, BLOCK_R)
+        kr = _rows(KR + b * skr_b, k_pos, k_ok, skr_s, DR, BLOCK_DR)
         if FP32_DOT:
             c, kr = c.to(tl.float32), kr.to(tl.float32)
         s = tl.dot(ql, tl.trans(c)) + tl.dot(qr, tl.trans(kr))
