@@ -11,7 +11,7 @@ import torch
 
 from ._backend import BACKENDS, ENV_VAR, check_backend, requested_backend, resolve_backend
 from ._triton import HAS_TRITON
-from .mla_attention import mla_attention_reference, mla_decode_reference
+from .mla_attention import mla_attention_reference, mla_decode_reference, seq_start_from_cu_seqlens
 from .mla_attention_triton import mla_attention_triton, mla_decode_triton
 from .moe_dispatch import grouped_mlp_reference, moe_combine, moe_experts_reference, moe_permute
 from .moe_dispatch_triton import grouped_mlp_triton, moe_experts_triton
@@ -36,6 +36,7 @@ __all__ = [
     "requested_backend",
     "resolve_backend",
     "rms_norm",
+    "seq_start_from_cu_seqlens",
     "swiglu",
 ]
 
@@ -81,10 +82,15 @@ def apply_rope(
     return _dispatch("apply_rope", apply_rope_reference, backend, q)(q, k, cos, sin, layout)
 
 
-def mla_attention(q_nope, q_rope, k_nope, k_rope, v, scale: float, mask=None, backend: str | None = None):
-    """MLA attention with a shared rope key and a separate value head dim (see kernels/mla_attention.py)."""
+def mla_attention(q_nope, q_rope, k_nope, k_rope, v, scale: float, mask=None, seq_start=None,
+                  backend: str | None = None):
+    """MLA attention with a shared rope key and a separate value head dim (see kernels/mla_attention.py).
+    `seq_start` [B, T] (packed sequences: each token's sequence start, `seq_start_from_cu_seqlens`) in place
+    of a mask: causal attention inside each sequence."""
+    if seq_start is not None and mask is not None:
+        raise ValueError("mla_attention: give a mask or seq_start, not both")
     return _dispatch("mla_attention", mla_attention_reference, backend, q_nope)(
-        q_nope, q_rope, k_nope, k_rope, v, scale, mask)
+        q_nope, q_rope, k_nope, k_rope, v, scale, mask, seq_start)
 
 
 def mla_decode(q_latent, q_rope, c_kv, k_rope, scale: float, mask=None, backend: str | None = None):

@@ -26,7 +26,23 @@ def _causal(mask: torch.Tensor | None, t: int, s: int) -> bool:
     return mask is None and t == s
 
 
-def mla_attention_reference(q_nope, q_rope, k_nope, k_rope, v, scale: float, mask=None) -> torch.Tensor:
+def seq_start_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[1, total] position of the first token of each token's sequence, from cumulative lengths [n + 1]."""
+    pos = torch.arange(total, device=cu_seqlens.device)
+    which = torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)
+    return cu_seqlens[which].to(torch.int32)[None]
+
+
+def sequence_mask(seq_start: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] boolean mask of packed sequences: causal, and no key before the query's sequence start."""
+    t = seq_start.shape[-1]
+    pos = torch.arange(t, device=seq_start.device)
+    return ((pos[None, :] <= pos[:, None]) & (pos[None, None, :] >= seq_start[..., :, None]))[:, None]
+
+
+def mla_attention_reference(q_nope, q_rope, k_nope, k_rope, v, scale: float, mask=None, seq_start=None):
+    if seq_start is not None:
+        mask = sequence_mask(seq_start.expand(q_nope.shape[0], -1))
     h = q_nope.shape[1]
     q = torch.cat((q_nope, q_rope), dim=-1)
     k = torch.cat((k_nope, k_rope.expand(-1, h, -1, -1)), dim=-1)

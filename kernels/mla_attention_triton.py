@@ -361,13 +361,6 @@ def mla_attention_triton(q_nope, q_rope, k_nope, k_rope, v, scale: float, mask=N
     return MLAAttentionFunction.apply(q_nope, q_rope, k_nope, k_rope, v, scale, mask, seq_start)
 
 
-def seq_start_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """[1, total] position of the first token of each token's sequence, from cumulative lengths [n + 1]."""
-    pos = torch.arange(total, device=cu_seqlens.device)
-    which = torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)
-    return cu_seqlens[which].to(torch.int32)[None]
-
-
 # ---------------------------------------------------------------- decoding over the latent cache
 
 

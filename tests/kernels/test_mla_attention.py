@@ -6,8 +6,8 @@ import pytest
 import torch
 from kernel_testing import ON_GPU, assert_close_dot, devices_and_dtypes
 
-from kernels.mla_attention import mla_attention_reference, mla_decode_reference
-from kernels.mla_attention_triton import mla_attention_triton, mla_decode_triton, seq_start_from_cu_seqlens
+from kernels.mla_attention import mla_attention_reference, mla_decode_reference, seq_start_from_cu_seqlens
+from kernels.mla_attention_triton import mla_attention_triton, mla_decode_triton
 
 
 def _inputs(b, h, t, s, dn, dr, dv, device, dtype):
@@ -45,9 +45,25 @@ def test_packed_sequences_from_cumulative_lengths(device, dtype, poisoned):
     t = 45
     cu = torch.tensor([0, 1, 18, 19, 45], device=device)  # lengths 1, 17, 1, 26
     start = seq_start_from_cu_seqlens(cu, t)
+    assert start.tolist() == [[0] + [1] * 17 + [18] + [19] * 26]
     pos = torch.arange(t, device=device)
     mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] >= start[0][:, None])
     _compare(_inputs(1, 3, t, t, 16, 8, 24, device, dtype), dtype, 0.2, mask[None, None], seq_start=start)
+
+
+def test_public_op_takes_sequence_starts_on_both_backends():
+    import kernels
+
+    device = "cuda" if ON_GPU else "cpu"
+    torch.manual_seed(6)
+    x = _inputs(2, 2, 21, 21, 16, 8, 16, device, torch.float32)
+    start = kernels.seq_start_from_cu_seqlens(torch.tensor([0, 9, 21], device=device), 21).expand(2, 21)
+    ref = kernels.mla_attention(*x, 0.3, seq_start=start, backend="torch")
+    pos = torch.arange(21, device=device)
+    mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] >= start[0][:, None])
+    torch.testing.assert_close(ref, mla_attention_reference(*x, 0.3, mask=mask[None, None]))
+    if kernels.HAS_TRITON:
+        assert_close_dot(kernels.mla_attention(*x, 0.3, seq_start=start, backend="triton"), ref, torch.float32, "out")
 
 
 @pytest.mark.parametrize("device,dtype", devices_and_dtypes())
