@@ -46,9 +46,11 @@ def run_vlm_demo(out: Path, dense_dir: Path, tok, cfg: dict, stage, say) -> dict
                    "--eval-data", str(paths["vlm_caption_eval"]), "--train", "projector,vision",
                    "--lr", "3e-3"], cfg["vlm_align_steps"]),
         ("sft", ["sft", "--init", str(out / "vlm_align"), "--data", str(paths["vlm_sft_train"]),
-                 "--eval-data", str(paths["vlm_sft_eval"]), "--lr", "3e-3"], cfg["vlm_sft_steps"]),
+                 "--eval-data", str(paths["vlm_sft_eval"]), "--lr", "3e-3", "--min-lr-ratio", "0"],
+         cfg["vlm_sft_steps"]),
         ("dpo", ["dpo", "--init", str(out / "vlm_sft"), "--data", str(paths["vlm_dpo_train"]),
-                 "--eval-data", str(paths["vlm_dpo_eval"]), "--lr", "1e-4", "--sft-weight", "5"], cfg["vlm_dpo_steps"]),
+                 "--eval-data", str(paths["vlm_dpo_eval"]), "--lr", "1e-4", "--sft-weight", str(cfg["dpo_sft_weight"])],
+         cfg["vlm_dpo_steps"]),
     ]
     summaries = {}
     for name, argv, steps in runs:
