@@ -297,7 +297,8 @@ def _mode_args(mask, seq_start, b: int, h: int, t: int, s: int, device):
         if t != s and t != 1:
             raise ValueError("mla_attention: pass a mask when queries are not the whole key range or one token")
         return 0, dummy, 0, dummy, (0, 0, 0, 0)
-    m = mask.to(torch.int8) if mask.dtype == torch.bool else (mask != 0).to(torch.int8)
+    # bool and int8 are both one byte: read the mask in place (every layer gets the same one) rather than copy it
+    m = mask.view(torch.int8) if mask.dtype == torch.bool else (mask != 0).to(torch.int8)
     m = m.expand(b, h, t, s)  # broadcast dims get stride 0, nothing is copied
     return 2, dummy, 0, m, tuple(m.stride())
 

@@ -99,21 +99,28 @@ class Dispatch:
         self.max_tiles = triton.cdiv(num_assignments, block_m) + counts.shape[0]
 
 
+def _segments(block_counts: torch.Tensor, block_m: int):
+    """(each block's place in each expert's segment, per-expert counts, segment starts, tile table) from
+    per-block expert counts [blocks, E_P]: one program walks the blocks."""
+    nb, e_pad = block_counts.shape
+    block_off = torch.empty_like(block_counts)
+    total = torch.empty(e_pad, dtype=torch.int32, device=block_counts.device)
+    start = torch.empty_like(total)
+    tile_start = torch.empty(e_pad + 1, dtype=torch.int32, device=block_counts.device)
+    _expert_offsets[(1,)](block_counts, block_off, total, start, tile_start, nb, BLOCK_M=block_m, E_P=e_pad)
+    return block_off, total, start, tile_start
+
+
 def dispatch(topk_idx: torch.Tensor, num_experts: int, block_m: int) -> Dispatch:
     flat = topk_idx.reshape(-1).to(torch.int32).contiguous()
     na = flat.numel()
     e_pad = max(2, triton.next_power_of_2(num_experts))
     nb = max(1, triton.cdiv(na, DISPATCH_BLOCK))
-    dev = flat.device
-    block_counts = torch.empty(nb, e_pad, dtype=torch.int32, device=dev)
-    block_off = torch.empty_like(block_counts)
-    total = torch.empty(e_pad, dtype=torch.int32, device=dev)
-    start = torch.empty_like(total)
-    tile_start = torch.empty(e_pad + 1, dtype=torch.int32, device=dev)
-    order = torch.empty(na, dtype=torch.int32, device=dev)
-    place_of = torch.empty_like(order)
+    block_counts = torch.empty(nb, e_pad, dtype=torch.int32, device=flat.device)
     _block_counts[(nb,)](flat, block_counts, na, BLOCK=DISPATCH_BLOCK, E_P=e_pad)
-    _expert_offsets[(1,)](block_counts, block_off, total, start, tile_start, nb, BLOCK_M=block_m, E_P=e_pad)
+    block_off, total, start, tile_start = _segments(block_counts, block_m)
+    order = torch.empty(na, dtype=torch.int32, device=flat.device)
+    place_of = torch.empty_like(order)
     if na:
         _scatter_places[(nb,)](flat, block_off, start, order, place_of, na, BLOCK=DISPATCH_BLOCK, E_P=e_pad)
     return Dispatch(order, place_of, total[:num_experts], start[:num_experts], tile_start, e_pad, block_m, na)
@@ -125,11 +132,7 @@ def dispatch_from_counts(counts: torch.Tensor, block_m: int) -> Dispatch:
     e_pad = max(2, triton.next_power_of_2(e))
     padded = torch.zeros(1, e_pad, dtype=torch.int32, device=counts.device)
     padded[0, :e] = counts.to(torch.int32)
-    block_off = torch.empty_like(padded)
-    total = torch.empty(e_pad, dtype=torch.int32, device=counts.device)
-    start = torch.empty_like(total)
-    tile_start = torch.empty(e_pad + 1, dtype=torch.int32, device=counts.device)
-    _expert_offsets[(1,)](padded, block_off, total, start, tile_start, 1, BLOCK_M=block_m, E_P=e_pad)
+    _, total, start, tile_start = _segments(padded, block_m)
     return Dispatch(None, None, total[:e], start[:e], tile_start, e_pad, block_m, int(counts.sum()))
 
 

@@ -50,7 +50,7 @@ class DeepSpeedEngine:
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)  # DeepSpeed's info lines would drown the progress bar
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        deepspeed.init_distributed()  # the accelerator's backend, as deepspeed.initialize would pick
         _unlink_shm_buffer(device)
         self.cfg = cfg
         world = dist_info()[2]
