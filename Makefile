@@ -1,13 +1,14 @@
 # The README's two commands: `make demo` and `make test`. Both create .venv if it is missing,
 # install torch first (TORCH_SPEC, default the CPU build that this machine carries), then the
-# project with its dev extras, then run.
+# project with its dev extras, then run. `make test-fast` is the inner loop: the suite without the
+# tests marked slow (CI runs `make test`, everything).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llm-scratch-installed
 
-.PHONY: demo test lint bench gpu-wheels install clean
+.PHONY: demo test test-fast lint bench gpu-wheels install clean
 
 install: $(STAMP)
 
@@ -31,6 +32,11 @@ test: check-torch-spec
 	@$(MAKE) --no-print-directory $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+test-fast: check-torch-spec
+	@$(MAKE) --no-print-directory $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -63,8 +63,8 @@ def main() -> None:
         env["DS_ACCELERATOR"] = "cpu"
         env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 
-    from train.synthetic import generate
-    from train.tokenizer import train_tokenizer
+    from train.data.synthetic import generate
+    from train.data.tokenizer import train_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="ds-bench-"))
     data = generate(work / "data", pretrain_docs=6000, sft=10, dpo=10)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (shared docs, KERNELS.md): the kernel tests on CUDA with bf16 added, then the
+# The one prepared GPU run (docs/kernels.md): the kernel tests on CUDA with bf16 added, then the
 # benchmark tables (benchmarks/results/DATE-DEVICE-kernels.md for RMSNorm/SwiGLU/RoPE and
 # DATE-DEVICE-mla-moe.md for MLA attention, MLA decoding and the MoE layer). Each part has its own time
 # limit; together they stay under the device tool's 10 minutes per command.

@@ -1,108 +1,42 @@
-"""Public ops used by the models. Each op chooses its backend per call (see `_backend`).
+"""Hand-written Triton kernels, each beside its PyTorch reference, behind one API the models call
+(kernels/ops.py). Which one runs is a runtime setting of the process (kernels/backend.py: `use_backend`,
+`set_backend`, LLM_SCRATCH_KERNELS), never part of a model.
 
-The PyTorch references are the fallback and the test oracle; the Triton kernels plug in behind the
-same functions. Until an op's Triton kernel exists, asking for it explicitly is an error rather than
-a silent fallback, so a benchmark or test never measures the wrong thing.
+One op per file: rms_norm.py, swiglu.py, rope.py, mla_attention.py (+ mla_attention_triton.py),
+moe_dispatch.py (+ moe_dispatch_triton.py); the math of each reference is on one page, docs/ops.md.
+The references are the fallback and the test oracle. Asking for Triton where it is not installed is an
+error, never a silent fallback, so a benchmark or test never measures the wrong thing.
 """
 
 from __future__ import annotations
 
-import torch
-
-from ._backend import BACKENDS, ENV_VAR, check_backend, requested_backend, resolve_backend
 from ._triton import HAS_TRITON
-from .mla_attention import mla_attention_reference, mla_decode_reference, seq_start_from_cu_seqlens
-from .mla_attention_triton import mla_attention_triton, mla_decode_triton
-from .moe_dispatch import grouped_mlp_reference, moe_combine, moe_experts_reference, moe_permute
-from .moe_dispatch_triton import grouped_mlp_triton, moe_experts_triton
-from .rms_norm import rms_norm_reference, rms_norm_triton
-from .rope import LAYOUTS, apply_rope_reference, apply_rope_triton
-from .swiglu import swiglu_reference, swiglu_triton
+from .backend import BACKENDS, ENV_VAR, check_backend, get_backend, resolve_backend, set_backend, use_backend
+from .mla_attention import seq_start_from_cu_seqlens
+from .moe_dispatch import moe_combine, moe_permute
+from .ops import apply_rope, grouped_mlp, mla_attention, mla_decode, moe_experts, rms_norm, swiglu
+from .rope import LAYOUTS
 from .transformers_patch import apply_to_transformers
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
+    "HAS_TRITON",
     "LAYOUTS",
     "apply_rope",
     "apply_to_transformers",
     "check_backend",
+    "get_backend",
     "grouped_mlp",
     "mla_attention",
     "mla_decode",
     "moe_combine",
     "moe_experts",
     "moe_permute",
-    "requested_backend",
     "resolve_backend",
     "rms_norm",
     "seq_start_from_cu_seqlens",
+    "set_backend",
     "swiglu",
+    "use_backend",
 ]
-
-# op name -> Triton implementation (ops without one yet run their reference under `auto`)
-_TRITON_OPS: dict[str, object] = (
-    {"rms_norm": rms_norm_triton, "swiglu": swiglu_triton, "apply_rope": apply_rope_triton,
-     "moe_experts": moe_experts_triton, "grouped_mlp": grouped_mlp_triton, "mla_attention": mla_attention_triton,
-     "mla_decode": mla_decode_triton} if HAS_TRITON else {}
-)
-
-
-def _dispatch(op: str, reference, backend: str | None, x: torch.Tensor):
-    if resolve_backend(backend, x) != "triton":
-        return reference
-    impl = _TRITON_OPS.get(op)
-    if impl is not None:
-        return impl
-    if requested_backend(backend) == "auto":  # auto on CUDA before the kernel exists
-        return reference
-    why = "triton is not installed" if not HAS_TRITON else f"no Triton kernel for {op} yet"
-    raise NotImplementedError(f"{why}; use kernel backend 'torch' or 'auto'")
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str | None = None) -> torch.Tensor:
-    """RMSNorm over the last dim (fp32 statistics, Qwen2 casting)."""
-    return _dispatch("rms_norm", rms_norm_reference, backend, x)(x, weight, eps)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """silu(gate) * up."""
-    return _dispatch("swiglu", swiglu_reference, backend, gate)(gate, up)
-
-
-def apply_rope(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    layout: str = "half",
-    backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [B, Hq, T, D] and k [B, Hk, T, D] by per-position cos/sin [B, T, D]."""
-    return _dispatch("apply_rope", apply_rope_reference, backend, q)(q, k, cos, sin, layout)
-
-
-def mla_attention(q_nope, q_rope, k_nope, k_rope, v, scale: float, mask=None, seq_start=None,
-                  backend: str | None = None):
-    """MLA attention with a shared rope key and a separate value head dim (see kernels/mla_attention.py).
-    `seq_start` [B, T] (packed sequences: each token's sequence start, `seq_start_from_cu_seqlens`) in place
-    of a mask: causal attention inside each sequence."""
-    if seq_start is not None and mask is not None:
-        raise ValueError("mla_attention: give a mask or seq_start, not both")
-    return _dispatch("mla_attention", mla_attention_reference, backend, q_nope)(
-        q_nope, q_rope, k_nope, k_rope, v, scale, mask, seq_start)
-
-
-def mla_decode(q_latent, q_rope, c_kv, k_rope, scale: float, mask=None, backend: str | None = None):
-    """Absorbed-query attention over the latent cache; returns the weighted latent [B, H, T, R]."""
-    return _dispatch("mla_decode", mla_decode_reference, backend, q_latent)(q_latent, q_rope, c_kv, k_rope, scale, mask)
-
-
-def grouped_mlp(x_sorted, counts, w_gate_up, w_down, backend: str | None = None):
-    """Each expert's SwiGLU MLP over its contiguous rows of x_sorted (see kernels/moe_dispatch.py)."""
-    return _dispatch("grouped_mlp", grouped_mlp_reference, backend, x_sorted)(x_sorted, counts, w_gate_up, w_down)
-
-
-def moe_experts(x, topk_idx, topk_weight, w_gate_up, w_down, backend: str | None = None):
-    """Routed experts: dispatch tokens to their top-k experts, run them, combine with the routing weights."""
-    return _dispatch("moe_experts", moe_experts_reference, backend, x)(x, topk_idx, topk_weight, w_gate_up, w_down)

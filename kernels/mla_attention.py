@@ -13,7 +13,7 @@ multi-query attention with one KV head of width R + Dr. Returns the attention-we
 
 `mask` is boolean, True where a query may attend, broadcastable to [B, H, T, S]; None means causal with
 the queries being the last T of S positions. The PyTorch references below are the fallback and the
-oracle for the Triton kernels of the kernel issue.
+oracle for the Triton kernels in kernels/mla_attention_triton.py.
 """
 
 from __future__ import annotations

@@ -14,13 +14,12 @@ import types
 
 import torch
 
-from ._backend import check_backend
+from .backend import check_backend
+from .ops import apply_rope, rms_norm, swiglu
 
 
 def apply_to_transformers(model: torch.nn.Module, backend: str = "triton") -> dict[str, int]:
     """Patch `model` in place; returns how many norms and MLPs were patched and whether rope was."""
-    from . import apply_rope, rms_norm, swiglu
-
     check_backend(backend)
     counts = {"rms_norm": 0, "swiglu": 0, "rope": 0}
     for module in model.modules():

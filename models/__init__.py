@@ -1,5 +1,12 @@
-"""Model configs, layers, the models, conversion to/from transformers, and generation."""
+"""Model configs, layers, the three models, checkpoints, conversion to/from transformers, and generation.
 
+Reading order: models/qwen2.py (the dense model, top to bottom) with models/layers.py; then
+models/deepseek_v3.py with models/mla.py and models/moe.py; then models/vlm.py with models/vision.py.
+The math of every op they call is on one page, docs/ops.md.
+"""
+
+from .base import IGNORE_INDEX, ModelOutput, TrainableModel
+from .checkpoint import CheckpointError, load_model, resolve_checkpoint, save_model
 from .config import (
     PRESETS,
     ConfigError,
@@ -11,11 +18,10 @@ from .config import (
     make_config,
     save_config,
 )
-from .dense import IGNORE_INDEX, DenseLM
-from .hf import export_hf, import_hf, load_pretrained, resolve_checkpoint
-from .io import CheckpointError, build_model, load_model, save_model
-from .moe import MoELM
-from .output import ModelOutput
+from .convert import export_hf, import_hf, load_pretrained
+from .deepseek_v3 import MoELM
+from .qwen2 import DenseLM
+from .registry import build_model
 from .vlm import VLM
 
 __all__ = [
@@ -28,6 +34,7 @@ __all__ = [
     "MoEConfig",
     "MoELM",
     "ModelOutput",
+    "TrainableModel",
     "VLM",
     "VLMConfig",
     "build_model",

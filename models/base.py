@@ -1,9 +1,19 @@
-"""What the decoder models share: embedding the input, positions, rotary tables and the attention mask
-for a forward, the next-token loss, and the GPT-2 style initialisation."""
+"""What the decoder models share, and what every model shows the trainer.
+
+- `ModelOutput`: what a forward returns (attribute access, like transformers' outputs).
+- `TrainableModel`: the one declared interface between a model and the trainer (the hooks it calls);
+  every model has all of it, so the trainer never probes with getattr.
+- `CausalLMBase`: embedding the input, positions, rotary tables and the attention mask for a forward,
+  the LM head, the GPT-2 style initialisation, and the trainer hooks' defaults (a model without
+  experts has nothing to do after an optimizer step).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -16,6 +26,31 @@ IGNORE_INDEX = -100
 RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight", "experts.down_proj")
 
 
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux: dict | None = None  # extra per-model losses/statistics (MoE balance, MTP), for the trainer to log
+
+
+@runtime_checkable
+class TrainableModel(Protocol):
+    """What the trainer and the engines need from a model, besides being an nn.Module with a `config`."""
+
+    config: object
+    # module classes that ZeRO-3 must gather whole (an MoE block: some of its experts may get no tokens)
+    zero3_leaf_modules: tuple[type[nn.Module], ...]
+
+    def moe_blocks(self) -> list[nn.Module]:
+        """The blocks with routed experts (expert parallelism shards them; empty for a dense model)."""
+        ...
+
+    def after_optimizer_step(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """Run after every optimizer step with `reduce` summing a tensor over data-parallel ranks; returns
+        statistics for the log (the MoE model's expert-bias update and load balance)."""
+        ...
+
+
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy (fp32) over the positions whose target is not IGNORE_INDEX."""
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
@@ -23,6 +58,14 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 class CausalLMBase(nn.Module):
     """Subclasses have `self.config` and `self.model` with `embed_tokens` and `rotary_emb`."""
+
+    zero3_leaf_modules: tuple[type[nn.Module], ...] = ()
+
+    def moe_blocks(self) -> list[nn.Module]:
+        return []
+
+    def after_optimizer_step(self, reduce) -> dict[str, float]:
+        return {}
 
     def add_lm_head(self) -> None:
         """The output projection, sharing the embedding matrix when the config ties them."""

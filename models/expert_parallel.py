@@ -9,7 +9,7 @@ With P ranks in the group, rank r holds experts [r E/P, (r+1) E/P). Per MoE bloc
 Both all-to-alls are differentiable (the backward of an all-to-all is the all-to-all with the splits
 swapped), so gradients reach the expert weights on their owning rank from every rank's tokens.
 Gradient reduction (expert grads are not all-reduced with the dense ones) is the engine's job:
-see train/engine.py.
+see train/engine/torch_engine.py.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ def shard_experts(model: nn.Module, group, rank: int, size: int) -> None:
     """Keep only this rank's slice of every MoE block's routed experts."""
     for block in model.moe_blocks():
         ex = block.experts
-        if ex.num_experts % size:
-            raise ValueError(f"n_routed_experts ({ex.num_experts}) must be divisible by the expert-parallel "
+        if ex.n_routed_experts % size:
+            raise ValueError(f"n_routed_experts ({ex.n_routed_experts}) must be divisible by the expert-parallel "
                              f"size ({size})")
-        n = ex.num_experts // size
+        n = ex.n_routed_experts // size
         lo = rank * n
         ex.gate_up_proj = nn.Parameter(ex.gate_up_proj.detach()[lo:lo + n].clone())
         ex.down_proj = nn.Parameter(ex.down_proj.detach()[lo:lo + n].clone())
@@ -71,11 +71,11 @@ def gather_experts(model: nn.Module, state: dict[str, torch.Tensor], group) -> d
     return state
 
 
-def expert_parallel_experts(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, ex, backend) -> torch.Tensor:
+def expert_parallel_experts(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, ex) -> torch.Tensor:
     group = ex.ep_group
     size = dist.get_world_size(group)
     n_local = ex.gate_up_proj.shape[0]
-    order, counts = kernels.moe_permute(idx, ex.num_experts)
+    order, counts = kernels.moe_permute(idx, ex.n_routed_experts)
     x_sorted = x[order // idx.shape[1]]
     # how many rows each rank sends to each of our local experts
     recv_counts = torch.empty_like(counts)
@@ -87,7 +87,7 @@ def expert_parallel_experts(x: torch.Tensor, idx: torch.Tensor, weight: torch.Te
     # rows arrive grouped by source rank, then expert; regroup them by local expert
     local_expert = torch.repeat_interleave(torch.arange(n_local, device=x.device).repeat(size), recv_counts.reshape(-1))
     regroup = torch.argsort(local_expert, stable=True)
-    y = kernels.grouped_mlp(x_recv[regroup], recv_counts.sum(0), ex.gate_up_proj, ex.down_proj, backend=backend)
+    y = kernels.grouped_mlp(x_recv[regroup], recv_counts.sum(0), ex.gate_up_proj, ex.down_proj)
     y_recv = torch.empty_like(y)
     y_recv[regroup] = y
     y_sorted = all_to_all(y_recv, send_splits, recv_splits, group)

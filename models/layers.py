@@ -1,5 +1,6 @@
 """Building blocks shared by the models: RMSNorm, rotary embedding, masks, GQA attention, SwiGLU MLP,
-and the KV cache. Each calls the op through the `kernels` package, which picks Triton or PyTorch.
+and the KV cache. Each calls the op through the `kernels` package, which runs Triton or PyTorch as the
+process's backend setting says (`kernels.use_backend`); no layer holds a backend of its own.
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6, backend: str = "auto"):
+    def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps, backend=self.backend)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -149,7 +149,6 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = h
-        self.backend = config.kernel_backend
         self.q_proj = nn.Linear(d, self.num_heads * h, bias=True)
         self.k_proj = nn.Linear(d, self.num_kv_heads * h, bias=True)
         self.v_proj = nn.Linear(d, self.num_kv_heads * h, bias=True)
@@ -160,7 +159,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = kernels.apply_rope(q, k, cos, sin, layout="half", backend=self.backend)
+        q, k = kernels.apply_rope(q, k, cos, sin, layout="half")
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, mask, causal=mask is None and k.shape[2] == t)
@@ -177,12 +176,11 @@ def attention(q, k, v, mask, causal: bool):
 
 
 class SwiGLUMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, backend: str = "auto"):
+    def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend))
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))

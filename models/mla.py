@@ -60,19 +60,19 @@ class MultiheadLatentAttention(nn.Module):
         c = config
         self.layer_idx = layer_idx
         self.num_heads = c.num_attention_heads
-        self.nope, self.rope, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = (c.qk_nope_head_dim, c.qk_rope_head_dim,
+                                                                         c.v_head_dim)
         self.kv_lora_rank = c.kv_lora_rank
-        self.backend = c.kernel_backend
         self.scale = mla_softmax_scale(c)
         q_out = self.num_heads * c.qk_head_dim
         if c.q_lora_rank is None:
             self.q_proj = nn.Linear(c.hidden_size, q_out, bias=False)
         else:
             self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, c.kernel_backend)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
             self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, c.kernel_backend)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.num_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * c.v_head_dim, c.hidden_size, bias=False)
 
@@ -83,21 +83,21 @@ class MultiheadLatentAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, kv_cache: LatentKVCache | None = None):
         b, t, _ = x.shape
-        q = self._query(x).view(b, t, self.num_heads, self.nope + self.rope).transpose(1, 2)
-        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        nope, rope, v_dim = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        q = self._query(x).view(b, t, self.num_heads, nope + rope).transpose(1, 2)
+        q_nope, q_rope = q.split([nope, rope], dim=-1)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
-        q_rope, k_rope = kernels.apply_rope(q_rope, k_rope.unsqueeze(1), cos, sin, layout="interleaved",
-                                            backend=self.backend)
+        q_rope, k_rope = kernels.apply_rope(q_rope, k_rope.unsqueeze(1), cos, sin, layout="interleaved")
         if kv_cache is None:
-            kv = self.kv_b_proj(c_kv).view(b, t, self.num_heads, self.nope + self.v_dim).transpose(1, 2)
-            k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-            out = kernels.mla_attention(q_nope, q_rope, k_nope, k_rope, v, self.scale, mask, backend=self.backend)
+            kv = self.kv_b_proj(c_kv).view(b, t, self.num_heads, nope + v_dim).transpose(1, 2)
+            k_nope, v = kv.split([nope, v_dim], dim=-1)
+            out = kernels.mla_attention(q_nope, q_rope, k_nope, k_rope, v, self.scale, mask)
         else:
             c_all, k_rope_all = kv_cache.update(self.layer_idx, c_kv, k_rope.squeeze(1))
-            w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
-            w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
+            w = self.kv_b_proj.weight.view(self.num_heads, nope + v_dim, self.kv_lora_rank)
+            w_uk, w_uv = w[:, :nope], w[:, nope:]
             q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
-            latent = kernels.mla_decode(q_latent, q_rope, c_all, k_rope_all, self.scale, mask, backend=self.backend)
+            latent = kernels.mla_decode(q_latent, q_rope, c_all, k_rope_all, self.scale, mask)
             out = torch.einsum("bhtr,hvr->bhtv", latent, w_uv)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.v_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * v_dim))

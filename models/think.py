@@ -12,7 +12,7 @@ the reasoning) is trimmed from the start of each part.
 
 from __future__ import annotations
 
-THINK_START, THINK_END = "<think>", "</think>"
+from .chat_format import THINK_END, THINK_START
 
 
 class ThinkParser:

@@ -11,20 +11,21 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .base import ModelOutput
+from .chat_format import IMAGE
 from .config import VLMConfig
-from .dense import DenseLM
-from .output import ModelOutput
+from .qwen2 import DenseLM
 from .vision import Projector, VisionEncoder, pixel_shuffle
 
 
 class VLM(nn.Module):
     config_class = VLMConfig
+    zero3_leaf_modules: tuple[type[nn.Module], ...] = ()
 
     def __init__(self, config: VLMConfig):
         super().__init__()
         self.config = config.validate()
-        text = config.text
-        text.kernel_backend = config.kernel_backend
+        text = config.text_config
         self.vision_tower = VisionEncoder(config)
         r = config.pixel_shuffle
         self.multi_modal_projector = Projector(config.vision_hidden_size * r * r, text.hidden_size)
@@ -44,6 +45,12 @@ class VLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def moe_blocks(self) -> list[nn.Module]:
+        return []
+
+    def after_optimizer_step(self, reduce) -> dict[str, float]:
+        return {}
+
     def make_kv_cache(self, batch: int, max_len: int, dtype=None, device=None):
         return self.language_model.make_kv_cache(batch, max_len, dtype, device)
 
@@ -62,7 +69,7 @@ class VLM(nn.Module):
         feats = self.image_features(pixel_values)
         if feats.shape[0] * feats.shape[1] != n_slots:
             raise ValueError(f"{feats.shape[0]} image(s) give {feats.shape[0] * feats.shape[1]} image tokens, "
-                             f"the input has {n_slots} <|image|> tokens")
+                             f"the input has {n_slots} {IMAGE} tokens")
         embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype).reshape(-1))
         return embeds
 

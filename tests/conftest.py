@@ -16,7 +16,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
-    from train.synthetic import generate
+    from train.data.synthetic import generate
 
     d = tmp_path_factory.mktemp("synthetic")
     generate(d, seed=0, pretrain_docs=3000, sft=300, dpo=100)
@@ -25,7 +25,7 @@ def synthetic_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(synthetic_dir, tmp_path_factory):
-    from train.tokenizer import train_tokenizer
+    from train.data.tokenizer import train_tokenizer
 
     d = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer([synthetic_dir / "pretrain_train.jsonl", synthetic_dir / "sft_train.jsonl"], 1024, d, quiet=True)
@@ -34,7 +34,7 @@ def tokenizer_dir(synthetic_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
-    from train.tokenizer import load_tokenizer
+    from train.data.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
 

@@ -1,5 +1,5 @@
-"""The GPU benchmark script runs end to end (tiny shapes, the interpreter), so it does not rot between
-the sessions that have a GPU."""
+"""The GPU benchmark scripts run end to end here (tiny shapes, the interpreter), so they do not rot
+between the runs that have a GPU."""
 
 from benchmarks.kernels import run
 

@@ -4,16 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from train.data import (
-    BatchOrder,
-    DataError,
-    PackedDataset,
-    iter_pretrain_texts,
-    load_dpo,
-    load_sft,
-    segments_and_positions,
-    tokenize_documents,
-)
+from train.data.batches import BatchOrder
+from train.data.formats import iter_pretrain_texts, load_dpo, load_sft
+from train.data.packing import PackedDataset, segments_and_positions, tokenize_documents
+from train.errors import DataError
 
 
 def _write(path, lines):
@@ -61,10 +55,9 @@ def test_dpo_accepts_strings_and_message_lists(tmp_path):
          "chosen": [{"role": "assistant", "content": "good2"}], "rejected": [{"role": "assistant", "content": "bad2"}]},
     ])
     a, b = load_dpo(path)
-    assert {k: a[k] for k in ("prompt", "chosen", "rejected")} == {
-        "prompt": [{"role": "user", "content": "q1"}], "chosen": "good", "rejected": "bad"}
-    assert a["images"] == [] and a["where"].endswith("dpo.jsonl:1")
-    assert b["prompt"][1] == {"role": "user", "content": "q2"} and b["chosen"] == "good2"
+    assert (a.prompt, a.chosen, a.rejected) == ([{"role": "user", "content": "q1"}], "good", "bad")
+    assert a.images == [] and a.where.endswith("dpo.jsonl:1")
+    assert b.prompt[1] == {"role": "user", "content": "q2"} and b.chosen == "good2"
 
 
 def test_txt_files_are_one_document(tmp_path):

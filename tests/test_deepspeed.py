@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.metrics import read_metrics
+from train.engine.metrics import read_metrics
 from train.pretrain import main as pretrain_main
 
 BIN = Path(sys.executable).parent
@@ -73,6 +73,7 @@ def reference(synthetic_dir, tokenizer_dir, tmp_path_factory):
     return _losses(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["zero1.json", "zero2.json", "zero2_offload.json"])
 def test_deepspeed_two_ranks_match_one_process(config, reference, synthetic_dir, tokenizer_dir, tmp_path):
     out = tmp_path / "run"
@@ -83,12 +84,14 @@ def test_deepspeed_two_ranks_match_one_process(config, reference, synthetic_dir,
     assert (ckpt / "model.safetensors").exists() and (ckpt / "mp_rank_00_model_states.pt").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_matches_one_process(reference, synthetic_dir, tokenizer_dir, tmp_path):
     out = tmp_path / "run"
     _launch("torchrun", _common(synthetic_dir, tokenizer_dir, out))
     _assert_same(_losses(out), reference)
 
 
+@pytest.mark.slow
 def test_zero3_stop_resume_continue_and_export(reference, synthetic_dir, tokenizer_dir, tmp_path):
     out = tmp_path / "run"
     args = _common(synthetic_dir, tokenizer_dir, out)
@@ -128,6 +131,7 @@ def _finetune_args(kind: str, init: Path, synthetic_dir: Path, out: Path) -> lis
             "--seed", "2", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_sft_and_dpo_under_deepspeed_match_one_process(sft_model_dir, synthetic_dir, tmp_path):
     """SFT under ZeRO-2 (rows of different lengths on each rank: the loss is weighted by target tokens
     over the global batch) and DPO under ZeRO-3 with its frozen reference as a partitioned inference
@@ -146,12 +150,13 @@ def test_sft_and_dpo_under_deepspeed_match_one_process(sft_model_dir, synthetic_
     _assert_same(_losses(tmp_path / "dpo2"), _losses(tmp_path / "dpo1"))
 
 
+@pytest.mark.slow
 def test_vlm_alignment_and_sft_under_deepspeed_match_one_process(sft_model_dir, tmp_path):
     """The VLM through the deepspeed launcher: alignment with the language model frozen (ZeRO-2; frozen
     parameters are left out of the optimizer) and SFT on image questions (ZeRO-3), against one process."""
+    from train.data.synthetic_images import generate_images
     from train.sft import main as sft_main
-    from train.synthetic_images import generate_images
-    from train.vlm import init_vlm
+    from train.vlm_init import init_vlm
 
     data = generate_images(tmp_path / "img", train=32, held_out=8)
     init_vlm(str(sft_model_dir), str(tmp_path / "vlm0"), preset="micro")
@@ -177,7 +182,7 @@ def test_vlm_alignment_and_sft_under_deepspeed_match_one_process(sft_model_dir, 
 
 
 def _resolve(raw, **over):
-    from train.ds_config import resolve_ds_config
+    from train.engine.ds_config import resolve_ds_config
 
     kw = dict(path="cfg.json", micro_batch=4, grad_accum=2, world_size=2, grad_clip=1.0, lr=1e-3, betas=(0.9, 0.95),
               eps=1e-8, weight_decay=0.1, bf16=False, hidden_size=64)
@@ -211,6 +216,7 @@ def test_contradicting_config_names_the_key(raw, needle):
     assert needle in str(e.value) and "cfg.json" in str(e.value)
 
 
+@pytest.mark.slow
 def test_plain_run_does_not_import_deepspeed(synthetic_dir, tokenizer_dir, tmp_path):
     code = ("import sys; from train.pretrain import main; main(sys.argv[1:]); "
             "assert 'deepspeed' not in sys.modules, 'deepspeed was imported'")
@@ -226,6 +232,7 @@ def moe_reference(synthetic_dir, tokenizer_dir, tmp_path_factory):
     return _losses(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["zero1.json", "zero2.json", "zero3.json"])
 def test_moe_under_zero_matches_one_process(config, moe_reference, synthetic_dir, tokenizer_dir, tmp_path):
     """The MoE model (experts replicated and ZeRO-partitioned; under ZeRO-3 each MoE block is a leaf module,

@@ -32,7 +32,7 @@ def _random_model(cfg_kwargs, seed=0):
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def exported(request, tmp_path_factory, tokenizer_dir):
-    from models.io import copy_tokenizer_files
+    from models.checkpoint import copy_tokenizer_files
 
     d = tmp_path_factory.mktemp(request.param)
     model = _random_model(CONFIGS[request.param])

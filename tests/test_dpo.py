@@ -58,7 +58,7 @@ def _dpo(init, synthetic_dir, out, *extra):
 
 
 def test_both_reference_paths_give_the_same_losses(sft_model_dir, synthetic_dir, tmp_path):
-    from train.metrics import read_metrics
+    from train.engine.metrics import read_metrics
 
     common = ("--max-steps", "4", "--eval-every", "2", "--warmup-steps", "1", "--lr", "1e-3")
     _dpo(sft_model_dir, synthetic_dir, tmp_path / "pre", *common, "--reference", "precompute")
@@ -75,7 +75,7 @@ def test_both_reference_paths_give_the_same_losses(sft_model_dir, synthetic_dir,
 
 
 def test_dpo_moves_and_resumes_exactly_from_stored_reference(sft_model_dir, synthetic_dir, tmp_path):
-    from train.metrics import read_metrics
+    from train.engine.metrics import read_metrics
 
     common = ("--max-steps", "30", "--eval-every", "30", "--warmup-steps", "3", "--lr", "2e-3")
     _dpo(sft_model_dir, synthetic_dir, tmp_path / "straight", *common)

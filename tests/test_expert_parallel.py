@@ -12,7 +12,8 @@ import torch
 import torch.multiprocessing as mp
 
 from models import MoELM, load_pretrained, make_config
-from train.engine import OptimConfig, TorchEngine
+from train.engine.optim import OptimConfig
+from train.engine.torch_engine import TorchEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # max abs difference of losses and of every gradient (fp32)
@@ -63,17 +64,18 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
     result = {"loss": (mean_loss - ref_loss.detach()).abs().item(), "grads": {}}
     for name, p in model.named_parameters():
         expected = ref_grads[name]
-        if name in engine.expert_names:
+        if name in engine.expert_params:
             n = p.shape[0]
             expected = expected[rank * n:(rank + 1) * n]
         result["grads"][name] = (p.grad - expected).abs().max().item()
     result["local_experts"] = model.moe_blocks()[0].experts.gate_up_proj.shape[0]
     full = engine.full_state_dict()
-    result["gathered"] = all(torch.equal(full[n], ref.state_dict()[n]) for n in engine.expert_names)
+    result["gathered"] = all(torch.equal(full[n], ref.state_dict()[n]) for n in engine.expert_params)
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_expert_parallel_matches_one_process(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
@@ -94,6 +96,7 @@ def _ep_pretrain_cmd(out, synthetic_dir, tokenizer_dir) -> list[str]:
            "--save-every", "3", "--warmup-steps", "2", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_torchrun_trains_moe_with_expert_parallelism(tmp_path, synthetic_dir, tokenizer_dir):
     """3 steps, then --resume for 3 more (each rank reloads its expert slice and optimizer state):
     the same weights as 6 steps in one go; the checkpoint holds every expert."""
@@ -118,7 +121,7 @@ def test_torchrun_trains_moe_with_expert_parallelism(tmp_path, synthetic_dir, to
 
 
 def test_expert_parallel_refuses_deepspeed_and_dense(tmp_path):
-    from train.engine import make_engine
+    from train.engine.interface import make_engine
     from train.errors import UserError
 
     with pytest.raises(UserError, match="expert-parallel-size"):

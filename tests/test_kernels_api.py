@@ -1,5 +1,5 @@
-"""The kernels package's public API and backend switch (the Triton kernels test themselves in
-tests/kernels/ once they land); here the references are pinned against independent formulas."""
+"""The kernels package's public API and its runtime backend switch (the Triton kernels test themselves in
+tests/kernels/); here the references are pinned against independent formulas."""
 
 import pytest
 import torch
@@ -8,15 +8,27 @@ import kernels
 from kernels.rope import apply_rope_reference
 
 
-def test_backend_resolution(monkeypatch):
+def test_backend_is_a_process_setting_with_a_context_manager(monkeypatch):
     cpu = torch.zeros(1)
-    assert kernels.resolve_backend("auto", cpu) == "torch"
-    assert kernels.resolve_backend("triton", cpu) == "triton"
+    monkeypatch.delenv("LLM_SCRATCH_KERNELS", raising=False)
+    assert kernels.get_backend() == "auto" and kernels.resolve_backend(cpu) == "torch"
+    with kernels.use_backend("triton"):
+        assert kernels.get_backend() == "triton" and kernels.resolve_backend(cpu) == "triton"
+        with kernels.use_backend("torch"):  # nested blocks restore what was there
+            assert kernels.resolve_backend(cpu) == "torch"
+        assert kernels.resolve_backend(cpu) == "triton"
+    assert kernels.get_backend() == "auto"
+    assert kernels.resolve_backend(cpu, "triton") == "triton"  # a caller may name one for one call
+    # the environment variable sets the process's default; an explicit choice wins over it
     monkeypatch.setenv("LLM_SCRATCH_KERNELS", "torch")
-    assert kernels.resolve_backend("triton", cpu) == "torch"
+    assert kernels.resolve_backend(cpu) == "torch"
+    with kernels.use_backend("triton"):
+        assert kernels.resolve_backend(cpu) == "triton"
     monkeypatch.setenv("LLM_SCRATCH_KERNELS", "fast")
-    with pytest.raises(ValueError, match="LLM_SCRATCH_KERNELS|kernel backend"):
-        kernels.resolve_backend("auto", cpu)
+    with pytest.raises(ValueError, match="LLM_SCRATCH_KERNELS"):
+        kernels.resolve_backend(cpu)
+    with pytest.raises(ValueError, match="kernel backend"):
+        kernels.set_backend("cuda")
 
 
 def test_rms_norm_reference_matches_transformers_qwen2():
@@ -65,9 +77,3 @@ def test_rope_layouts_against_hand_rotation():
     perm = torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)])
     qh, _ = apply_rope_reference(q[..., perm], k[..., perm], cos, sin, "half")
     torch.testing.assert_close(qh, qi[..., perm], rtol=1e-5, atol=1e-5)
-
-
-def test_explicit_triton_before_a_kernel_exists_is_an_error(monkeypatch):
-    monkeypatch.setattr(kernels, "_TRITON_OPS", {})
-    with pytest.raises(NotImplementedError, match="swiglu"):
-        kernels.swiglu(torch.randn(2), torch.randn(2), backend="triton")

@@ -42,7 +42,7 @@ def _random_model(overrides, seed=0) -> MoELM:
 def exported(request, tmp_path_factory, tokenizer_dir):
     from transformers import AutoModelForCausalLM
 
-    from models.io import copy_tokenizer_files
+    from models.checkpoint import copy_tokenizer_files
 
     d = tmp_path_factory.mktemp(request.param)
     model = _random_model(CONFIGS[request.param])
@@ -78,6 +78,69 @@ def test_export_writes_per_expert_keys_and_imports_back(exported):
     for (k, a), (k2, b) in zip(sorted(model.state_dict().items()), sorted(back.state_dict().items())):
         assert k == k2 and torch.equal(a, b), k
     assert type(load_pretrained(d / "hf")) is MoELM
+
+
+def test_mtp_layer_n_round_trips_when_the_checkpoint_carries_it(exported):
+    model, _, d = exported
+    back = import_hf(d / "hf")
+    assert (back.mtp is not None) == bool(model.config.num_mtp_layers)
+    assert back.config.num_mtp_layers == model.config.num_mtp_layers
+
+
+# Written by transformers itself: DeepseekV3Config's default num_nextn_predict_layers is 1, but its model has
+# no MTP module and writes no MTP weights. Odd sizes, three expert groups of which two compete.
+HF_WRITTEN = dict(vocab_size=1031, hidden_size=72, intermediate_size=100, moe_intermediate_size=24,
+                  num_hidden_layers=3, num_attention_heads=3, num_key_value_heads=3, q_lora_rank=40,
+                  kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, n_routed_experts=12,
+                  n_group=3, topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1, n_shared_experts=1,
+                  routed_scaling_factor=1.5, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def transformers_written(tmp_path_factory, tokenizer_dir):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from models.checkpoint import copy_tokenizer_files
+
+    d = tmp_path_factory.mktemp("hf_written")
+    torch.manual_seed(0)
+    config = DeepseekV3Config(**HF_WRITTEN)
+    assert config.num_mtp_layers == 1  # what transformers writes by default
+    hf = DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("e_score_correction_bias"):
+                p.normal_(0, 0.05)
+    hf.save_pretrained(d)
+    copy_tokenizer_files(tokenizer_dir, d)
+    return hf, d
+
+
+def test_a_deepseek_v3_directory_written_by_transformers_loads_without_mtp(transformers_written, caplog):
+    hf, d = transformers_written
+    with caplog.at_level("WARNING"):
+        model = load_pretrained(d)
+    notes = [r.getMessage() for r in caplog.records]
+    assert len(notes) == 1 and "MTP" in notes[0] and str(d) in notes[0] and "\n" not in notes[0]
+    assert model.mtp is None and model.config.num_mtp_layers == 0
+    assert (model.config.n_group, model.config.topk_group, model.config.vocab_size) == (3, 2, 1031)
+    ids = torch.randint(0, 1031, (2, 29))
+    hf.config._attn_implementation = "eager"
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits).abs().max().item() < 1e-5
+
+
+def test_transformers_written_deepseek_goes_through_export_and_sft_init(transformers_written, synthetic_dir,
+                                                                      tmp_path):
+    from train.sft import main as sft_main
+
+    _, d = transformers_written
+    out = export_hf(d, tmp_path / "again")
+    assert load_pretrained(out).mtp is None
+    summary = sft_main(["--init", str(d), "--data", str(synthetic_dir / "sft_train.jsonl"), "--out",
+                        str(tmp_path / "sft"), "--seq-len", "64", "--batch-size", "2", "--max-steps", "1",
+                        "--eval-every", "0", "--no-progress"])
+    assert summary["end_step"] == 1
 
 
 def test_greedy_generation_matches_transformers(exported):

@@ -3,7 +3,9 @@
 import torch
 
 from models import IGNORE_INDEX
-from train.chat_data import PackedSFTDataset, SFTDataset, build_sft_examples, encode_with_mask, pad_collate
+from train.data.chat_masks import encode_with_mask
+from train.data.finetune import PackedSFTDataset, SFTDataset, build_sft_examples, pad_collate
+from train.data.records import Conversation
 
 THINK = [{"role": "user", "content": "What is 2 + 3?"},
          {"role": "assistant", "content": "<think>\nAdd the ones.\n</think>\n\n2 + 3 = 5"}]
@@ -68,7 +70,7 @@ def test_multi_turn_trains_every_assistant_turn(tokenizer):
 
 
 def test_targets_are_the_next_trained_token(tokenizer):
-    examples, dropped = build_sft_examples(tokenizer, [THINK], max_len=512)
+    examples, dropped = build_sft_examples(tokenizer, [Conversation(THINK)], max_len=512)
     row = SFTDataset(examples)[0]
     ids, mask = examples[0].ids, examples[0].trained
     assert dropped == 0 and torch.equal(row["input_ids"], torch.tensor(ids[:-1], dtype=torch.long))
@@ -77,7 +79,7 @@ def test_targets_are_the_next_trained_token(tokenizer):
 
 
 def test_padding_is_never_a_target(tokenizer):
-    examples, _ = build_sft_examples(tokenizer, [THINK, NO_THINK], max_len=512)
+    examples, _ = build_sft_examples(tokenizer, [Conversation(THINK), Conversation(NO_THINK)], max_len=512)
     ds = SFTDataset(examples)
     batch = pad_collate(6)([ds[0], ds[1]])
     short = min(len(ds[0]["input_ids"]), len(ds[1]["input_ids"]))
@@ -86,7 +88,7 @@ def test_padding_is_never_a_target(tokenizer):
 
 
 def test_packing_keeps_conversations_apart(tokenizer):
-    examples, _ = build_sft_examples(tokenizer, [THINK, NO_THINK], max_len=512)
+    examples, _ = build_sft_examples(tokenizer, [Conversation(THINK), Conversation(NO_THINK)], max_len=512)
     n0, n1 = len(examples[0].ids), len(examples[1].ids)
     ds = PackedSFTDataset(examples, seq_len=n0 + n1 + 9, pad_id=6)
     assert len(ds) == 1
@@ -104,6 +106,7 @@ def test_packing_keeps_conversations_apart(tokenizer):
 def test_truncation_keeps_the_start_and_drops_unlearnable(tokenizer):
     long_answer = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 200}]
     long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "a"}]
-    examples, dropped = build_sft_examples(tokenizer, [long_answer, long_prompt, THINK], max_len=64)
+    convs = [Conversation(c) for c in (long_answer, long_prompt, THINK)]
+    examples, dropped = build_sft_examples(tokenizer, convs, max_len=64)
     assert dropped == 1 and len(examples) == 2
     assert len(examples[0].ids) == 65 and examples[0].trained[-1]

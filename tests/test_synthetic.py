@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from train import synthetic
-from train.data import load_dpo, load_sft, read_jsonl
+from train.data import synthetic
+from train.data.formats import load_dpo, load_sft, read_jsonl
 
 
 def test_generation_is_deterministic(tmp_path):
@@ -35,7 +35,7 @@ def test_records_load_with_the_user_data_readers(synthetic_dir):
     convs = load_sft(synthetic_dir / "sft_train.jsonl")
     assert len(convs) == 300
     pairs = load_dpo(synthetic_dir / "dpo_train.jsonl")
-    assert all(p["chosen"] != p["rejected"] for p in pairs)
+    assert all(p.chosen != p.rejected for p in pairs)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -77,6 +77,6 @@ def test_sft_assistant_turns_reason_then_answer(synthetic_dir):
     for _, rec in read_jsonl(synthetic_dir / "sft_eval.jsonl"):
         content = rec["messages"][-1]["content"]
         assert content.startswith("<think>\n") and content.endswith("</think>\n\n" + rec["answer"])
-    contents = [c[-1]["content"] for c in load_sft(synthetic_dir / "sft_train.jsonl")]
+    contents = [c.messages[-1]["content"] for c in load_sft(synthetic_dir / "sft_train.jsonl")]
     empty = sum(c.startswith("<think>\n\n</think>\n\n") for c in contents)
     assert 0.1 < empty / len(contents) < 0.3  # about one in five answers with thinking off

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from train.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+from train.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 
 SAMPLES = [
     "Hello  world\n\n\tindented\r\nwindows line",

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from train.metrics import read_metrics
+from train.engine.metrics import read_metrics
 from train.pretrain import main as pretrain_main
 
 
@@ -52,7 +52,7 @@ def test_resume_is_exact(synthetic_dir, tokenizer_dir, tmp_path):
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(synthetic_dir, tokenizer_dir, tmp_path, monkeypatch):
-    from train import checkpoint
+    from train.engine import checkpoint
 
     out = tmp_path / "run"
     common = ("--max-steps", "4", "--eval-every", "0", "--save-every", "2", "--warmup-steps", "1")
@@ -87,7 +87,7 @@ def test_vocab_mismatch_and_context_errors(synthetic_dir, tokenizer_dir, tmp_pat
 
 
 def test_lr_schedule_warmup_then_cosine():
-    from train.engine import OptimConfig, lr_factor
+    from train.engine.optim import OptimConfig, lr_factor
 
     cfg = OptimConfig(warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
     f = [lr_factor(s, cfg) for s in range(16)]
@@ -98,7 +98,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_no_weight_decay_on_norms_biases_embeddings():
     from models import DenseLM
-    from train.engine import param_groups
+    from train.engine.optim import param_groups
 
     model = DenseLM(__import__("models").make_config("dense", "micro", vocab_size=128))
     decay, no_decay = param_groups(model, 0.1)

@@ -11,12 +11,12 @@ import torch
 
 from models import VLM, VLMConfig, export_hf, load_pretrained, make_config, save_model
 from models.vision import pixel_shuffle
-from train.chat_data import build_sft_examples
-from train.data import DataError, load_sft
-from train.errors import UserError
-from train.images import load_image
-from train.stage import freeze_except
-from train.synthetic_images import generate_images
+from train.data.finetune import build_sft_examples
+from train.data.formats import load_sft
+from train.data.images import load_image
+from train.data.synthetic_images import generate_images
+from train.errors import DataError, UserError
+from train.finetune import freeze_except
 
 BIN = Path(sys.executable).parent
 
@@ -40,7 +40,7 @@ def _ids(model, n_images=2):
 def test_logits_match_transformers_llava(tmp_path, tokenizer_dir):
     from transformers import AutoModelForImageTextToText
 
-    from models.io import copy_tokenizer_files
+    from models.checkpoint import copy_tokenizer_files
 
     model = _vlm()
     save_model(model, tmp_path / "ours")
@@ -145,7 +145,7 @@ def test_freeze_except_trains_only_the_named_parts():
 
 
 def test_chat_answers_about_an_image(tmp_path, tokenizer_dir, tokenizer):
-    from models.io import copy_tokenizer_files
+    from models.checkpoint import copy_tokenizer_files
 
     text = make_config("dense", "micro", vocab_size=len(tokenizer)).to_dict()
     model = VLM(VLMConfig(text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<|image|>")))

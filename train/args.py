@@ -1,12 +1,14 @@
-"""Command-line options shared by the training stages (pretrain, and later sft and dpo)."""
+"""Command-line options shared by the training stages (pretrain, sft, dpo), and the settings they make."""
 
 from __future__ import annotations
 
 import argparse
 
-from .engine import OptimConfig
+import kernels
+
+from .engine.optim import OptimConfig
+from .engine.trainer import TrainArgs
 from .errors import UserError
-from .trainer import TrainArgs
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -14,7 +16,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", choices=["dense", "moe", "vlm"], default="dense", help="model family")
     g.add_argument("--model-config", metavar="FILE.json", help="a model config file (overrides --preset)")
     g.add_argument("--preset", default="tiny", help="named size when no --model-config (e.g. micro, tiny, small)")
-    g.add_argument("--kernels", choices=["auto", "triton", "torch"], help="kernel backend for this run")
 
 
 def add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_size: int) -> None:
@@ -37,6 +38,7 @@ def add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_s
     g.add_argument("--keep-checkpoints", type=int, default=2)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_kernels_arg(g)
     g = p.add_argument_group("distributed")
     g.add_argument("--deepspeed", metavar="CONFIG.json",
                    help="train through DeepSpeed with this config (ds_configs/zero{1,2,3}.json, *_offload.json)")
@@ -45,13 +47,19 @@ def add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_s
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from launchers
 
 
+def add_kernels_arg(p) -> None:
+    p.add_argument("--kernels", choices=kernels.BACKENDS,
+                   help="kernel backend for this run: auto (Triton on CUDA), triton, torch; default: "
+                        f"${kernels.ENV_VAR} or auto")
+
+
 def train_args_from(ns: argparse.Namespace) -> tuple[TrainArgs, OptimConfig]:
     targs = TrainArgs(
         out=ns.out, max_steps=ns.max_steps, stop_after=ns.stop_after, batch_size=ns.batch_size,
         grad_accum=ns.grad_accum, seed=ns.seed, eval_every=ns.eval_every, eval_batches=ns.eval_batches,
         save_every=ns.save_every, keep_checkpoints=ns.keep_checkpoints, device=ns.device,
         progress=not ns.no_progress, resume=ns.resume, deepspeed=ns.deepspeed,
-        expert_parallel_size=ns.expert_parallel_size,
+        expert_parallel_size=ns.expert_parallel_size, kernels=ns.kernels,
     )
     optim = OptimConfig(lr=ns.lr, min_lr_ratio=ns.min_lr_ratio, warmup_steps=ns.warmup_steps,
                         max_steps=ns.max_steps, weight_decay=ns.weight_decay, grad_clip=ns.grad_clip)

@@ -12,14 +12,14 @@ import sys
 import torch
 
 from models import load_pretrained
+from models.chat_format import IMAGE, PAD, STOP_TOKENS
 from models.generate import generate
 from models.think import ThinkParser
 
-from .chat_data import encode_prompt
+from .data.chat_masks import encode_prompt
+from .data.images import image_inputs
+from .data.tokenizer import check_vocab, load_tokenizer, tokenizer_dir_for
 from .errors import UserError
-from .sampling import check_vocab, tokenizer_dir_for
-from .stage import vision_inputs
-from .tokenizer import ENDOFTEXT, IM_END, IMAGE, PAD, load_tokenizer
 
 DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
 
@@ -72,7 +72,7 @@ class ChatSession:
     def __init__(self, checkpoint, think: bool = True, system: str | None = None, image: str | None = None,
                  **sampling):
         self.model = load_pretrained(checkpoint).eval()
-        self.image_tokens, loader = vision_inputs(self.model)
+        self.image_tokens, loader = image_inputs(self.model)
         if image is not None and loader is None:
             raise UserError(f"--image: {checkpoint} is a {self.model.config.model_type} model, not a VLM")
         self.pixel_values = loader([image]) if image is not None else None
@@ -81,7 +81,7 @@ class ChatSession:
         self.seed = sampling.pop("seed", 0)
         self.think, self.sampling = think, sampling
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self.stop = [self.tokenizer.convert_tokens_to_ids(t) for t in (IM_END, ENDOFTEXT)]
+        self.stop = [self.tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
         self.pad = self.tokenizer.convert_tokens_to_ids(PAD)
 
     def reply(self, user_text: str, display: Display | None = None) -> tuple[str, str]:

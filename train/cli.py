@@ -5,6 +5,7 @@
     llm-scratch pretrain --data F... --tokenizer DIR --out DIR [--preset tiny]
     llm-scratch sft --init DIR --data F... --out DIR
     llm-scratch dpo --init DIR --data F... --out DIR
+    llm-scratch vlm-init --llm DIR --out DIR    a VLM from a dense model and a fresh vision tower
     llm-scratch chat --checkpoint DIR [--think|--no-think] [--prompt TEXT]
     llm-scratch eval --checkpoint DIR --data EVAL.jsonl
     llm-scratch export --checkpoint DIR --out HF_DIR
@@ -17,37 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from collections.abc import Callable
 
-from models import CheckpointError, ConfigError
+import kernels
 
-from .errors import UserError
+from .args import add_kernels_arg
+from .errors import run_guarded
+from .stages import STAGES
 
-USER_ERRORS = (UserError, ConfigError, CheckpointError)
-
-
-def run_guarded(fn: Callable[[], object]) -> None:
-    """Run fn; bad input ends with one 'error: ...' line on stderr and exit status 2, no traceback."""
-    try:
-        fn()
-        from .distributed import shutdown
-
-        shutdown()
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+SUMMARY_KEYS = ("end_step", "first_loss", "last_loss", "checkpoint", "plot")
 
 
 def cmd_data(ns) -> None:
-    from .synthetic import generate
+    from .data.synthetic import generate
 
     paths = generate(ns.out, seed=ns.seed, pretrain_docs=ns.pretrain_docs, sft=ns.sft, dpo=ns.dpo)
     if ns.images:
-        from .synthetic_images import generate_images
+        from .data.synthetic_images import generate_images
 
         paths.update(generate_images(ns.out, seed=ns.seed, train=ns.images, held_out=max(1, ns.images // 10),
                                      size=ns.image_size))
@@ -56,7 +42,7 @@ def cmd_data(ns) -> None:
 
 
 def cmd_tokenizer(ns) -> None:
-    from .tokenizer import train_tokenizer
+    from .data.tokenizer import train_tokenizer
 
     stats = train_tokenizer(ns.data, ns.vocab_size, ns.out, quiet=ns.quiet)
     print(f"tokenizer: {stats['vocab_size']} tokens from {stats['bytes'] / 1e6:.1f} MB in "
@@ -64,8 +50,8 @@ def cmd_tokenizer(ns) -> None:
 
 
 def cmd_stage(ns) -> None:
-    s = ns.stage_run(ns)
-    print(json.dumps({k: s.get(k) for k in ("end_step", "first_loss", "last_loss", "checkpoint", "plot")}, indent=2))
+    s = ns.stage.module.run(ns)
+    print(json.dumps({k: s[k] for k in SUMMARY_KEYS if k in s}, indent=2))
 
 
 def cmd_chat(ns) -> None:
@@ -77,9 +63,8 @@ def cmd_chat(ns) -> None:
 def cmd_eval(ns) -> None:
     from models import load_pretrained
 
+    from .data.tokenizer import check_vocab, load_tokenizer, tokenizer_dir_for
     from .evaluate import exact_match, load_eval_records
-    from .sampling import check_vocab, tokenizer_dir_for
-    from .tokenizer import load_tokenizer
 
     model = load_pretrained(ns.checkpoint).eval()
     tok = load_tokenizer(tokenizer_dir_for(ns.checkpoint))
@@ -105,7 +90,7 @@ def cmd_export(ns) -> None:
 
 
 def cmd_sample(ns) -> None:
-    from .sampling import sample_text
+    from .sample import sample_text
 
     print(sample_text(ns.checkpoint, ns.prompt, max_new_tokens=ns.max_new_tokens,
                       temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed))
@@ -118,8 +103,6 @@ def cmd_demo(ns) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import pretrain, vlm
-
     p = argparse.ArgumentParser(prog="llm-scratch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,10 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=32)
     s.set_defaults(fn=cmd_data)
 
-    s = sub.add_parser("vlm-init", help="a VLM from a dense model and a fresh vision tower")
-    vlm.build_parser(s)
-    s.set_defaults(fn=lambda ns: vlm.run(ns))
-
     s = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer")
     s.add_argument("--data", nargs="+", required=True, metavar="FILE")
     s.add_argument("--vocab-size", type=int, default=4096)
@@ -145,19 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_tokenizer)
 
-    s = sub.add_parser("pretrain", help="pretrain a model on text")
-    pretrain.build_parser(s)
-    s.set_defaults(fn=cmd_stage, stage_run=pretrain.run)
-
-    from . import dpo, sft
-
-    s = sub.add_parser("sft", help="supervised fine-tuning on conversations (loss on assistant tokens)")
-    sft.build_parser(s)
-    s.set_defaults(fn=cmd_stage, stage_run=sft.run)
-
-    s = sub.add_parser("dpo", help="direct preference optimization on chosen/rejected pairs")
-    dpo.build_parser(s)
-    s.set_defaults(fn=cmd_stage, stage_run=dpo.run)
+    for name, stage in STAGES.items():
+        s = sub.add_parser(name, help=stage.help)
+        stage.module.build_parser(s)
+        s.set_defaults(fn=cmd_stage, stage=stage)
 
     s = sub.add_parser("chat", help="chat with a model; reasoning shown apart from the answer")
     s.add_argument("--checkpoint", required=True, help="a checkpoint, run or transformers directory")
@@ -172,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=0.95)
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
+    add_kernels_arg(s)
     s.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("eval", help="held-out exact-match accuracy (records with 'messages' and 'answer')")
@@ -180,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
     s.add_argument("--no-think", dest="think", action="store_false", default=True)
     s.add_argument("--max-new-tokens", type=int, default=384)
+    add_kernels_arg(s)
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("verify", help="every model through every stage for a few steps, on fresh tiny data")
@@ -199,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int)
     s.add_argument("--top-p", type=float)
     s.add_argument("--seed", type=int, default=0)
+    add_kernels_arg(s)
     s.set_defaults(fn=cmd_sample)
 
     s = sub.add_parser("demo", help="the whole pipeline on synthetic data, on CPU")
@@ -211,7 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     ns = build_parser().parse_args(argv)
-    run_guarded(lambda: ns.fn(ns))
+
+    def command() -> None:
+        with kernels.use_backend(getattr(ns, "kernels", None)):  # --kernels, for every command that has it
+            ns.fn(ns)
+
+    run_guarded(command)
 
 
 if __name__ == "__main__":

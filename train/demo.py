@@ -8,17 +8,22 @@ tasks); after DPO also the preference accuracy and margin on held-out pairs. It 
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .cli import build_parser as _cli_parser
-from .synthetic import generate as generate_data
-from .tokenizer import ENDOFTEXT, PAD, load_tokenizer, train_tokenizer
+from models.chat_format import ENDOFTEXT, PAD, STOP_TOKENS
+from models.checkpoint import atomic_write
+
+from .data.synthetic import generate as generate_data
+from .data.tokenizer import load_tokenizer, train_tokenizer
+from .stages import run_stage
 
 PROMPTS = ["Mia has a red", "Once upon a time, a little"]
+RESULTS_FILE = "results.json"  # the demo's figures, as data (the printed table shows the same)
 CHAT_QUESTIONS = [("What is 487 + 356?", True), ("What is 702 - 358?", False)]
 
 # (name, default settings, --quick settings)
@@ -52,8 +57,7 @@ def _say(n: int, total: int, text: str) -> None:
 
 def _stage(argv: list[str]) -> dict:
     """Run a stage exactly as `llm-scratch STAGE ARGS...` would."""
-    ns = _cli_parser().parse_args(argv)
-    return ns.stage_run(ns)
+    return run_stage(argv[0], argv[1:])
 
 
 def _accuracy(run_dir: Path, tok, records) -> dict:
@@ -206,8 +210,20 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
           f"and loss.png), hf/, moe_hf/ and vlm_hf/ (transformers).")
     print(f"Next: llm-scratch chat --checkpoint {out / 'dpo'}    or    llm-scratch chat --checkpoint "
           f"{out / 'vlm_dpo'} --image {out / 'data' / 'images' / 'eval_00000.png'}")
-    return {"accuracy": acc, "dpo": dpo, "moe": moe, "vlm": vlm, "agree": agree, "seconds": elapsed,
-            "text_seconds": text_elapsed}
+    results = {
+        "text_accuracy": {name: {"overall": r["overall"], "by_category": r["by_category"]} for name, r in acc.items()},
+        "pretrain": {"eval_loss_before": pre["eval_before"]["eval_loss"],
+                     "eval_loss_after": pre["eval_after"]["eval_loss"]},
+        "moe": {k: moe[k] for k in ("load_peak", "load_last", "hf_max_diff")}
+        | {"eval_loss_after": moe["eval_after"]["eval_loss"]},
+        "dpo_pairs": {"before": before, "after": after, "held_out_pairs": dpo["held_out_pairs"]},
+        "chat_agrees_with_transformers": [agree, len(CHAT_QUESTIONS)],
+        "vlm": {"accuracy": vlm["accuracy"], "hf_max_diff": vlm["hf_max_diff"],
+                "dpo_reward_accuracy": vlm["dpo"]["eval_after"]["eval_accuracy"]},
+        "seconds": {**secs, "text": text_elapsed, "vlm": vlm["seconds"], "all": elapsed},
+    }
+    atomic_write(out / RESULTS_FILE, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
+    return results
 
 
 def _moe_stage(out: Path, paths: dict, tok_dir: Path, cfg: dict, dense: dict) -> dict:
@@ -215,7 +231,7 @@ def _moe_stage(out: Path, paths: dict, tok_dir: Path, cfg: dict, dense: dict) ->
     expert load balance as the bias update works, the latent cache size, and transformers parity."""
     from models import export_hf, load_pretrained
 
-    from .metrics import read_metrics
+    from .engine.metrics import read_metrics
 
     s = cfg["moe_steps"]
     moe = _stage(["pretrain", "--model", "moe", "--data", str(paths["pretrain_train"]),
@@ -268,7 +284,7 @@ def _export_and_compare(out: Path, tok) -> tuple[int, Path]:
     hf_dir = export_hf(out / "dpo", out / "hf")
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
     ours = load_pretrained(out / "dpo")
-    stop = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", ENDOFTEXT)]
+    stop = [tok.convert_tokens_to_ids(t) for t in STOP_TOKENS]
     pad = tok.convert_tokens_to_ids(PAD)
     agree = 0
     for question, think in CHAT_QUESTIONS:

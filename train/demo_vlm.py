@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .synthetic_images import generate_images
+from models.chat_format import IMAGE
+
+from .data.synthetic_images import generate_images
 
 KINDS = ("color", "shape", "position", "count")
 
@@ -30,7 +32,7 @@ def run_vlm_demo(out: Path, dense_dir: Path, tok, cfg: dict, stage, say) -> dict
     from models import export_hf, load_pretrained
 
     from .evaluate import load_eval_records
-    from .vlm import init_vlm
+    from .vlm_init import init_vlm
 
     t0 = time.perf_counter()
     say(f"VLM: {cfg['vlm_images']} synthetic images, a ViT encoder + projector in front of the dense model; "
@@ -67,13 +69,13 @@ def run_vlm_demo(out: Path, dense_dir: Path, tok, cfg: dict, stage, say) -> dict
 
     from .chat import ChatSession, Display
 
-    sample = next(r for r in records if r["category"] == "image color")
-    image = sample["images"][0]
+    sample = next(r for r in records if r.category == "image color")
+    image = sample.images[0]
     session = ChatSession(out / "vlm_dpo", think=True, image=str(image), temperature=0.0, max_new_tokens=40)
-    question = sample["prompt"][-1]["content"].replace("<|image|>\n", "")
+    question = sample.prompt[-1]["content"].replace(f"{IMAGE}\n", "")
     buf = io.StringIO()
     session.reply(question, Display(buf))
-    print(f"  > [{image.name}] {question}   (the image's answer: {sample['answer']})")
+    print(f"  > [{image.name}] {question}   (the image's answer: {sample.answer})")
     print("    " + buf.getvalue().rstrip().replace("\n", "\n    "))
 
     from transformers import AutoModelForImageTextToText

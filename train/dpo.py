@@ -22,16 +22,17 @@ import copy
 import torch
 
 from models import IGNORE_INDEX
-from models.io import atomic_write
+from models.chat_format import PAD
+from models.checkpoint import atomic_write
 
 from .args import add_train_args, train_args_from
-from .chat_data import DPODataset, build_dpo_examples, dpo_collate
-from .data import load_dpo
-from .errors import UserError
+from .data.finetune import DPODataset, build_dpo_examples, dpo_collate
+from .data.formats import load_dpo
+from .engine.trainer import Trainer
+from .errors import UserError, run_guarded
+from .finetune import add_finetune_data_args, finetune_examples, freeze_except
 from .losses import LOSS_TYPES, chosen_nll, dpo_loss, sequence_logps
-from .stage import Run, add_finetune_data_args, finetune_examples, fit_and_summarize, freeze_except
-from .tokenizer import PAD
-from .trainer import Trainer
+from .run_dir import RunDir, check_context
 
 REF_FILE = "reference_logps.pt"
 
@@ -96,9 +97,10 @@ class DPOObjective:
 
 def run(ns: argparse.Namespace) -> dict:
     targs, optim = train_args_from(ns)
-    run_dir = Run(ns.out, ns.resume, ns.tokenizer, ns.init)
+    run_dir = RunDir(ns.out, ns.resume, ns.tokenizer, ns.init)
     tok = run_dir.tokenizer
-    model = run_dir.starting_model(ns.seed, ns.kernels)
+    model = run_dir.starting_model(ns.seed)
+    check_context(ns.seq_len, model.config)
     trainable = freeze_except(model, ns.train)
     train_ex, eval_ex, dropped, loader = finetune_examples(ns, model, load_dpo, build_dpo_examples, tok)
     train_set = DPODataset(train_ex, loader)
@@ -123,10 +125,10 @@ def run(ns: argparse.Namespace) -> dict:
         print(f"dpo: {len(train_ex)} pairs, {len(eval_ex)} held out, {info['dropped_too_long']} dropped as longer "
               f"than --seq-len {ns.seq_len}; beta {ns.beta}, {ns.loss} loss, reference by {ns.reference}; "
               f"device {trainer.device}, out {ns.out}", flush=True)
-    return fit_and_summarize(trainer, info)
+    return trainer.fit()
 
 
-def _attach_reference_logps(trainer: Trainer, run_dir: Run, train_set, eval_set, average: bool) -> None:
+def _attach_reference_logps(trainer: Trainer, run_dir: RunDir, train_set, eval_set, average: bool) -> None:
     """Reference log-probs from the starting policy, computed once and stored in the run directory."""
     path = run_dir.out / REF_FILE
     if run_dir.resume_ckpt is not None:
@@ -155,6 +157,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from .cli import run_guarded
-
     run_guarded(main)

@@ -1,5 +1,32 @@
-"""The one exception type for bad user input: the CLI prints its message and exits non-zero."""
+"""Bad input and how it is shown: the exception types, and `run_guarded`, which turns any of them into
+one `error: ...` line on stderr and exit status 2 (no traceback)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from models import CheckpointError, ConfigError
 
 
 class UserError(Exception):
     """Bad input from the user (file, record, field, option); the message says which and why."""
+
+
+class DataError(UserError):
+    """A missing file or malformed record; the message starts with FILE:LINE."""
+
+
+USER_ERRORS = (UserError, ConfigError, CheckpointError)
+
+
+def run_guarded(fn: Callable[[], object]) -> None:
+    """Run fn; bad input ends with one 'error: ...' line on stderr and exit status 2, Ctrl-C with 130."""
+    try:
+        fn()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -11,16 +11,17 @@ from pathlib import Path
 
 import torch
 
-from models import build_model, load_config, make_config
-from models.config import ConfigError
+from models import ConfigError, build_model, load_config, make_config
+from models.chat_format import ENDOFTEXT
+from models.checkpoint import CONFIG_FILE
 
 from .args import add_model_args, add_train_args, train_args_from
-from .data import PackedDataset, load_token_stream
-from .errors import UserError
+from .data.packing import PackedDataset, load_token_stream
+from .data.tokenizer import special_token_ids
+from .engine.trainer import Trainer
+from .errors import UserError, run_guarded
 from .losses import lm_loss
-from .stage import Run, fit_and_summarize
-from .tokenizer import ENDOFTEXT, special_token_ids
-from .trainer import Trainer
+from .run_dir import RunDir, check_context
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -49,13 +50,11 @@ def model_config_for(ns: argparse.Namespace, vocab: int, resume_ckpt: Path | Non
         raise UserError(f"--model {ns.model}: pretraining takes 'dense' or 'moe' (the VLM starts from a dense model)")
     try:
         if resume_ckpt is not None:
-            config = load_config(resume_ckpt / "model_config.json")
+            config = load_config(resume_ckpt / CONFIG_FILE)
         elif ns.model_config:
             config = load_config(ns.model_config)
         else:
             config = make_config(ns.model, ns.preset, vocab_size=round_up(vocab, 64))
-        if ns.kernels:
-            config.kernel_backend = ns.kernels
     except ConfigError as e:
         raise UserError(str(e)) from None
     if config.model_type != ns.model:
@@ -63,9 +62,7 @@ def model_config_for(ns: argparse.Namespace, vocab: int, resume_ckpt: Path | Non
     if vocab > config.vocab_size:
         raise UserError(f"the tokenizer has {vocab} tokens but the model's vocab_size is {config.vocab_size}; "
                         "use a matching tokenizer or a larger vocab_size")
-    if ns.seq_len > config.max_position_embeddings:
-        raise UserError(f"--seq-len {ns.seq_len} is longer than the model's context "
-                        f"(max_position_embeddings={config.max_position_embeddings})")
+    check_context(ns.seq_len, config)
     return config
 
 
@@ -76,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(ns: argparse.Namespace) -> dict:
     targs, optim = train_args_from(ns)
-    run_dir = Run(ns.out, ns.resume, ns.tokenizer, init=None)
+    run_dir = RunDir(ns.out, ns.resume, ns.tokenizer, init=None)
     out, resume_ckpt, tok_dir, tokenizer = run_dir.out, run_dir.resume_ckpt, run_dir.tokenizer_dir, run_dir.tokenizer
     eot = special_token_ids(tokenizer)[ENDOFTEXT]
     config = model_config_for(ns, len(tokenizer), resume_ckpt)
@@ -101,10 +98,8 @@ def run(ns: argparse.Namespace) -> dict:
     if trainer.is_main:
         print(f"pretrain: {info['parameters'] / 1e6:.2f}M parameters, {info['train_tokens']:,} training tokens "
               f"in {len(train_set)} rows of {ns.seq_len}, device {trainer.device}, out {out}", flush=True)
-    return fit_and_summarize(trainer, info)
+    return trainer.fit()
 
 
 if __name__ == "__main__":
-    from .cli import run_guarded
-
     run_guarded(main)

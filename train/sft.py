@@ -3,21 +3,23 @@
     llm-scratch sft --init RUN_OR_CHECKPOINT_OR_HF_DIR --data sft.jsonl --out DIR [--pack]
     python -m train.sft ... ; deepspeed --module train.sft --deepspeed ds_configs/zero2.json ...
 
-See train/chat_data.py for the loss mask and the truncation policy.
+See train/data/chat_masks.py for the loss mask and train/data/finetune.py for the truncation policy.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from models.chat_format import PAD
+
 from .args import add_train_args, train_args_from
-from .chat_data import PackedSFTDataset, SFTDataset, build_sft_examples, pad_collate
-from .data import load_sft
-from .errors import UserError
+from .data.finetune import PackedSFTDataset, SFTDataset, build_sft_examples, pad_collate
+from .data.formats import load_sft
+from .engine.trainer import Trainer
+from .errors import run_guarded
+from .finetune import add_finetune_data_args, finetune_examples, freeze_except
 from .losses import lm_loss
-from .stage import Run, add_finetune_data_args, finetune_examples, fit_and_summarize, freeze_except
-from .tokenizer import PAD
-from .trainer import Trainer
+from .run_dir import RunDir, check_context
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -31,13 +33,11 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 
 def run(ns: argparse.Namespace) -> dict:
     targs, optim = train_args_from(ns)
-    run_dir = Run(ns.out, ns.resume, ns.tokenizer, ns.init)
+    run_dir = RunDir(ns.out, ns.resume, ns.tokenizer, ns.init)
     tok = run_dir.tokenizer
-    model = run_dir.starting_model(ns.seed, ns.kernels)
+    model = run_dir.starting_model(ns.seed)
+    check_context(ns.seq_len, model.config)
     trainable = freeze_except(model, ns.train)
-    if ns.seq_len > model.config.max_position_embeddings:
-        raise UserError(f"--seq-len {ns.seq_len} is longer than the model's context "
-                        f"(max_position_embeddings={model.config.max_position_embeddings})")
     train_ex, eval_ex, dropped, loader = finetune_examples(ns, model, load_sft, build_sft_examples, tok)
     pad = tok.convert_tokens_to_ids(PAD)
     if ns.pack:
@@ -54,7 +54,7 @@ def run(ns: argparse.Namespace) -> dict:
         print(f"sft: {len(train_ex)} conversations ({info['trained_tokens']:,} assistant tokens) in "
               f"{len(train_set)} rows, {len(eval_ex)} held out; {info['dropped_too_long']} dropped as longer "
               f"than --seq-len {ns.seq_len}; device {trainer.device}, out {ns.out}", flush=True)
-    return fit_and_summarize(trainer, info)
+    return trainer.fit()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,6 +62,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from .cli import run_guarded
-
     run_guarded(main)

@@ -11,9 +11,9 @@ import torch
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ON_GPU = torch.cuda.is_available() and not INTERPRETED
 
-# ||out - ref|| / ||ref|| allowed, per dtype (KERNELS.md). Elementwise and row ops: no tf32 anywhere.
+# ||out - ref|| / ||ref|| allowed, per dtype (docs/kernels.md). Elementwise and row ops: no tf32 anywhere.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-# Kernels built on tl.dot (attention, grouped GEMMs): fp32 dots run as tf32 on a GPU (KERNELS.md: 1e-3),
+# Kernels built on tl.dot (attention, grouped GEMMs): fp32 dots run as tf32 on a GPU (docs/kernels.md: 1e-3),
 # the summation order differs from the reference's, and gradients pass through chained products.
 DOT_TOLERANCE = {**TOLERANCE, torch.float32: 1e-3 if ON_GPU else 1e-5, torch.float16: 4e-3}
 

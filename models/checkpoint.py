@@ -1,0 +1,167 @@
+"""Our checkpoint format: `model_config.json` + `model.safetensors` (+ tokenizer files beside them), and
+finding the checkpoint a run directory names (`latest`).
+
+Loading is strict: a missing or unexpected tensor, or a shape that does not fit the config, is an
+error naming the key. Tied embeddings are stored once (as transformers does) and re-tied on load.
+Writes go to a temporary name in the same directory and are renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, load_config, save_config
+from .registry import build_model
+
+CONFIG_FILE = "model_config.json"
+WEIGHTS_FILE = "model.safetensors"
+LATEST_FILE = "latest"  # in a training run's directory: the name of the newest complete checkpoint
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and key."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename tmp_path onto path."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", **(metadata or {})}))
+
+
+def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    return write_model_files(model.state_dict(), model.config, out_dir, tokenizer_dir)
+
+
+def write_model_files(state: dict[str, torch.Tensor], config, out_dir: str | Path,
+                      tokenizer_dir: str | Path | None = None) -> Path:
+    """Weights (tied lm_head stored once), config and, if given, the tokenizer files."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
+    save_weights({k: v.detach().contiguous().cpu() for k, v in state.items()}, out / WEIGHTS_FILE)
+    atomic_write(out / CONFIG_FILE, lambda tmp: save_config(config, tmp))
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, out)
+    return out
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
+    src, dst = Path(src), Path(dst)
+    if not (src / "tokenizer.json").exists():
+        raise CheckpointError(f"{src}: no tokenizer.json here")
+    for name in TOKENIZER_FILES:
+        if (src / name).exists() and src.resolve() != Path(dst).resolve():
+            shutil.copy2(src / name, Path(dst) / name)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: weights file not found") from None
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
+    """The weights of a transformers directory: model.safetensors, or the shards its index names."""
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for f in files:
+            state.update(read_weights(d / f))
+        return state
+    return read_weights(d / WEIGHTS_FILE)
+
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    expected = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
+        expected = {k: v for k, v in expected.items() if not k.endswith("lm_head.weight")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        raise CheckpointError(f"{where}: weights do not match the model config ({'; '.join(parts)})")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise CheckpointError(
+                f"{where}: tensor '{k}' has shape {tuple(v.shape)}, the config expects {tuple(expected[k].shape)}"
+            )
+    model.load_state_dict(state, strict=False)  # keys were checked above; tied lm_head follows embed
+
+
+def is_zero_checkpoint(d: Path) -> bool:
+    return any(d.glob("*model_states.pt"))
+
+
+def consolidate_zero_checkpoint(d: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a DeepSpeed checkpoint directory of any ZeRO stage."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(d.parent), tag=d.name)
+
+
+def checkpoint_weights(d: Path) -> dict[str, torch.Tensor]:
+    """The weights of one of our checkpoints: model.safetensors, or, where a DeepSpeed run's directory
+    lacks it, the consolidation of its ZeRO shards."""
+    if not (d / WEIGHTS_FILE).exists() and is_zero_checkpoint(d):
+        return consolidate_zero_checkpoint(d)
+    return read_weights(d / WEIGHTS_FILE)
+
+
+def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    d = Path(ckpt_dir)
+    try:
+        config = load_config(d / CONFIG_FILE)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    model = build_model(config)
+    load_state_strict(model, checkpoint_weights(d), str(d))
+    return model.to(device)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint dir itself or a training run's output dir."""
+    p = Path(path)
+    if (p / CONFIG_FILE).exists():
+        return p
+    if (p / LATEST_FILE).exists():
+        name = (p / LATEST_FILE).read_text().strip()
+        ckpt = p / "checkpoints" / name
+        if (ckpt / CONFIG_FILE).exists():
+            return ckpt
+        raise CheckpointError(f"{p / LATEST_FILE} names {name!r}, which is not a complete checkpoint")
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint directory")
+    raise CheckpointError(f"{p}: not a checkpoint (no {CONFIG_FILE} and no '{LATEST_FILE}' file)")

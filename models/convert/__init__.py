@@ -1,0 +1,97 @@
+"""Conversion to and from native transformers checkpoints, one module per architecture, and
+`load_pretrained` for both formats.
+
+| our model | transformers class              | converter                     |
+|-----------|---------------------------------|-------------------------------|
+| dense     | `Qwen2ForCausalLM`              | models/convert/qwen2.py       |
+| moe       | `DeepseekV3ForCausalLM`         | models/convert/deepseek_v3.py |
+| vlm       | `LlavaForConditionalGeneration` | models/convert/llava.py       |
+
+Each converter module names its `MODEL_TYPE` (ours) and `HF_MODEL_TYPE` (the `model_type` in a
+transformers `config.json`), and has `export(model, special, out)` (writes config.json and the weights
+in transformers' on-disk layout; no trust_remote_code needed to load them) and `load(d, hf_config)`
+(our model with the directory's weights, loaded strictly). `CONVERTERS` is the table both directions
+choose from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..chat_format import ENDOFTEXT, IM_END, PAD
+from ..checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    atomic_write,
+    copy_tokenizer_files,
+    load_model,
+    resolve_checkpoint,
+)
+from . import deepseek_v3, llava, qwen2
+
+CONVERTERS = (qwen2, deepseek_v3, llava)
+BY_MODEL_TYPE = {c.MODEL_TYPE: c for c in CONVERTERS}
+BY_HF_MODEL_TYPE = {c.HF_MODEL_TYPE: c for c in CONVERTERS}
+
+
+def special_ids(tokenizer_dir: Path) -> dict[str, int]:
+    """The added tokens of the tokenizer beside a checkpoint, by content ({} when there is none)."""
+    path = tokenizer_dir / "tokenizer.json"
+    if not path.exists():
+        return {}
+    added = json.loads(path.read_text()).get("added_tokens", [])
+    return {t["content"]: t["id"] for t in added}
+
+
+def is_transformers_dir(path: Path) -> bool:
+    return (path / "config.json").exists() and not (path / CONFIG_FILE).exists()
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write a transformers checkpoint (config.json, the weights, generation_config.json and the
+    tokenizer files) from one of our checkpoints or run directories (or a transformers directory, which
+    is written again in this project's layout)."""
+    p = Path(checkpoint)
+    src = p if is_transformers_dir(p) else resolve_checkpoint(p)
+    model = load_pretrained(src)
+    converter = BY_MODEL_TYPE.get(model.config.model_type)
+    if converter is None:
+        raise CheckpointError(f"{src}: export of model type {model.config.model_type!r} is not supported")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    special = special_ids(src)
+    converter.export(model, special, out)
+    if (src / "tokenizer.json").exists():
+        copy_tokenizer_files(src, out)
+    eos = [special[t] for t in (IM_END, ENDOFTEXT) if t in special]
+    gen = {"eos_token_id": eos, "pad_token_id": special.get(PAD), "do_sample": False}
+    atomic_write(out / "generation_config.json", lambda tmp: tmp.write_text(json.dumps(gen, indent=2) + "\n"))
+    return out
+
+
+def import_hf(hf_dir: str | Path) -> torch.nn.Module:
+    """Our model from a transformers `Qwen2ForCausalLM`, `DeepseekV3ForCausalLM` or
+    `LlavaForConditionalGeneration` directory (strict)."""
+    from transformers import AutoConfig
+
+    d = Path(hf_dir)
+    try:
+        hf = AutoConfig.from_pretrained(str(d), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{d / 'config.json'}: cannot read the transformers config ({e})") from None
+    converter = BY_HF_MODEL_TYPE.get(hf.model_type)
+    if converter is None:
+        raise CheckpointError(f"{d / 'config.json'}: model_type {hf.model_type!r} is not supported "
+                              f"(expected one of {', '.join(repr(t) for t in BY_HF_MODEL_TYPE)})")
+    return converter.load(d, hf)
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Our model from one of our checkpoints, a run directory, or a transformers directory."""
+    p = Path(path)
+    if is_transformers_dir(p):
+        return import_hf(p).to(device)
+    return load_model(resolve_checkpoint(p), device)

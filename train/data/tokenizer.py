@@ -1,0 +1,141 @@
+"""Byte-level BPE tokenizer trained with `tokenizers`, saved so `transformers.AutoTokenizer` loads it.
+
+- Special tokens (models/chat_format.py), each a single id in order from 0; <think> and </think> are
+  *non-special* added tokens, so `skip_special_tokens=True` keeps them visible to the think parser.
+- Pre-tokenizer: Qwen2-style split where every digit is its own piece (arithmetic stays learnable),
+  then byte-level mapping, so any Unicode text round-trips exactly and whitespace/newlines survive.
+- Chat template: ChatML with a thinking switch in the Qwen3 convention (models/chat_format.py).
+Also here: which tokenizer belongs to a checkpoint, and the check that it fits the model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from models import resolve_checkpoint
+from models.chat_format import (
+    CHAT_TEMPLATE,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    IMAGE,
+    NON_SPECIAL_ADDED,
+    PAD,
+    SPECIAL_TOKENS,
+)
+
+from ..errors import UserError
+from .formats import iter_records_text
+
+# Qwen2's split pattern: contractions, letter runs with one leading non-letter, single digits,
+# punctuation runs, newlines, and whitespace that does not swallow the next word's space.
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+def iter_training_text(paths: Iterable[str | Path]) -> Iterator[str]:
+    """Text for tokenizer training from .txt files and .jsonl files (text, messages, or DPO pairs)."""
+    for p in paths:
+        yield from iter_records_text(Path(p))
+
+
+def train_tokenizer(paths: list[str | Path], vocab_size: int, out_dir: str | Path, quiet: bool = False) -> dict:
+    """Train on the files, save an AutoTokenizer-loadable directory, return statistics."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+        raise UserError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS) + 1} (256 bytes + specials)")
+    for p in paths:
+        if not Path(p).is_file():
+            raise UserError(f"{p}: data file not found")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=not quiet,
+    )
+    t0 = time.perf_counter()
+    n_bytes = 0
+
+    def counted():
+        nonlocal n_bytes
+        for text in iter_training_text(paths):
+            n_bytes += len(text.encode("utf-8"))
+            yield text
+
+    tok.train_from_iterator(counted(), trainer=trainer)
+    seconds = time.perf_counter() - t0
+    save_tokenizer(tok, out_dir)
+    return {"bytes": n_bytes, "seconds": seconds, "vocab_size": tok.get_vocab_size()}
+
+
+def save_tokenizer(tok, out_dir: str | Path) -> Path:
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # <think> and </think> stay single added tokens but are not "special": decoding with
+    # skip_special_tokens=True keeps them, so the reasoning can be told from the answer.
+    spec = json.loads(tok.to_str())
+    for t in spec["added_tokens"]:
+        if t["content"] in NON_SPECIAL_ADDED:
+            t["special"] = False
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(json.dumps(spec))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=ENDOFTEXT,
+        pad_token=PAD,
+        unk_token=None,
+        bos_token=None,
+        additional_special_tokens=[IM_START, IM_END, IMAGE],
+        clean_up_tokenization_spaces=False,
+        model_max_length=1 << 30,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out))
+    return out
+
+
+def load_tokenizer(path: str | Path):
+    """The saved tokenizer through transformers (the same object a user of the export gets)."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not (p / "tokenizer.json").exists():
+        raise UserError(f"{p}: not a tokenizer directory (no tokenizer.json)")
+    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+    if missing:
+        raise UserError(f"tokenizer lacks the special token(s) {', '.join(missing)}")
+    return ids
+
+
+def tokenizer_dir_for(checkpoint) -> Path:
+    """The directory whose tokenizer files belong to a checkpoint, run or transformers directory."""
+    p = Path(checkpoint)
+    return p if (p / "tokenizer.json").exists() else resolve_checkpoint(p)
+
+
+def check_vocab(tokenizer, model, where) -> None:
+    if len(tokenizer) > model.config.vocab_size:
+        raise UserError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                        f"{model.config.vocab_size}; they do not belong together")
