@@ -69,20 +69,51 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ds-bench-"))
     data = generate(work / "data", pretrain_docs=6000, sft=10, dpo=10)
     train_tokenizer([data["pretrain_train"]], 4096, work / "tok", quiet=True)
-    common = ["--data", str(data["pretrain_train"]), "--tokenizer", str(work / "tok"), "--preset", "tiny",
-              "--seq-len", str(ns.seq_len), "--max-steps", str(ns.steps), "--eval-every", "0",
-              "--save-every", str(10 * ns.steps), "--no-progress"]
+    common = [
+        "--data",
+        str(data["pretrain_train"]),
+        "--tokenizer",
+        str(work / "tok"),
+        "--preset",
+        "tiny",
+        "--seq-len",
+        str(ns.seq_len),
+        "--max-steps",
+        str(ns.steps),
+        "--eval-every",
+        "0",
+        "--save-every",
+        str(10 * ns.steps),
+        "--no-progress",
+    ]
     rows = []
     out = work / "single"
-    _run([sys.executable, "-m", "train.pretrain", *common, "--out", str(out),
-          "--batch-size", str(ns.global_batch)], env)
+    _run(
+        [sys.executable, "-m", "train.pretrain", *common, "--out", str(out), "--batch-size", str(ns.global_batch)], env
+    )
     secs, tps = _step_stats(out)
     rows.append(("1 process (no DeepSpeed)", 1, secs, tps))
     for cfg in stages:
         out = work / cfg.replace(".json", "")
-        _run([str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", _port(), "--module", "train.pretrain",
-              *common, "--out", str(out), "--batch-size", str(ns.global_batch // ranks),
-              "--deepspeed", str(ROOT / "ds_configs" / cfg)], env)
+        _run(
+            [
+                str(BIN / "deepspeed"),
+                "--num_gpus",
+                str(ranks),
+                "--master_port",
+                _port(),
+                "--module",
+                "train.pretrain",
+                *common,
+                "--out",
+                str(out),
+                "--batch-size",
+                str(ns.global_batch // ranks),
+                "--deepspeed",
+                str(ROOT / "ds_configs" / cfg),
+            ],
+            env,
+        )
         secs, tps = _step_stats(out)
         rows.append((f"{ranks} ranks, {cfg}", ranks, secs, tps))
 
@@ -90,19 +121,26 @@ def main() -> None:
     date = dt.date.today().isoformat()
     kind = "gpu" if on_gpu else "cpu"
     tokens = ns.global_batch * ns.seq_len
-    lines = [f"# DeepSpeed step time vs one process ({date}, {kind})", "",
-             f"Device: {device}; {os.cpu_count()} CPU cores; torch {torch.__version__}. Model: `tiny` dense preset; "
-             f"global batch {ns.global_batch} x {ns.seq_len} = {tokens} tokens per step; "
-             f"median over steps 3-{ns.steps}. Produced by `python -m benchmarks.deepspeed_steps`.", "",
-             "| run | ranks | step time (s) | tokens/s | tokens/s per rank | vs 1 process |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# DeepSpeed step time vs one process ({date}, {kind})",
+        "",
+        f"Device: {device}; {os.cpu_count()} CPU cores; torch {torch.__version__}. Model: `tiny` dense preset; "
+        f"global batch {ns.global_batch} x {ns.seq_len} = {tokens} tokens per step; "
+        f"median over steps 3-{ns.steps}. Produced by `python -m benchmarks.deepspeed_steps`.",
+        "",
+        "| run | ranks | step time (s) | tokens/s | tokens/s per rank | vs 1 process |",
+        "|---|---|---|---|---|---|",
+    ]
     base = rows[0][2]
     for name, n, secs, tps in rows:
         lines.append(f"| {name} | {n} | {secs:.3f} | {tps:,.0f} | {tps / n:,.0f} | {base / secs:.2f}x |")
     if not on_gpu:
-        lines += ["", "Both runs share the machine's cores: 2 CPU ranks split the same cores that one process uses "
-                  "alone, so the difference is the cost of the data-parallel machinery (gradient reduction over "
-                  "gloo, ZeRO partitioning), not a speed-up to expect."]
+        lines += [
+            "",
+            "Both runs share the machine's cores: 2 CPU ranks split the same cores that one process uses "
+            "alone, so the difference is the cost of the data-parallel machinery (gradient reduction over "
+            "gloo, ZeRO partitioning), not a speed-up to expect.",
+        ]
     out_file = ROOT / "benchmarks" / "results" / f"{date}-{kind}-deepspeed-steps.md"
     out_file.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -71,6 +71,7 @@ def copy_bandwidth(device: str, dtype: torch.dtype, n_bytes: int) -> float:
 
 # --------------------------------------------------------------------------------------------- ops
 
+
 def _liger():
     try:
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
@@ -88,11 +89,16 @@ def _liger():
 
 def providers(device: str, compile_: bool) -> dict[str, dict[str, Callable]]:
     out = {
-        "ours (triton)": {"rms_norm": lambda x, w: kernels.rms_norm(x, w, 1e-6, backend="triton"),
-                          "swiglu": lambda g, u: kernels.swiglu(g, u, backend="triton"),
-                          "apply_rope": lambda q, k, c, s: kernels.apply_rope(q, k, c, s, backend="triton")},
-        "torch eager": {"rms_norm": lambda x, w: rms_norm_reference(x, w, 1e-6), "swiglu": swiglu_reference,
-                        "apply_rope": lambda q, k, c, s: apply_rope_reference(q, k, c, s)},
+        "ours (triton)": {
+            "rms_norm": lambda x, w: kernels.rms_norm(x, w, 1e-6, backend="triton"),
+            "swiglu": lambda g, u: kernels.swiglu(g, u, backend="triton"),
+            "apply_rope": lambda q, k, c, s: kernels.apply_rope(q, k, c, s, backend="triton"),
+        },
+        "torch eager": {
+            "rms_norm": lambda x, w: rms_norm_reference(x, w, 1e-6),
+            "swiglu": swiglu_reference,
+            "apply_rope": lambda q, k, c, s: apply_rope_reference(q, k, c, s),
+        },
     }
     if compile_:
         out["torch.compile"] = {
@@ -111,6 +117,7 @@ def cases(device: str, dtype: torch.dtype, hiddens: list[int], token_counts: lis
     out = []
     for h in hiddens:
         for n in token_counts:
+
             def rms(h=h, n=n):
                 x = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
                 w = torch.randn(h, device=device, dtype=dtype, requires_grad=True)
@@ -200,8 +207,11 @@ def run(smoke: bool, out_dir: Path = RESULTS, compile_: bool = True) -> Path:
         for name, fns in provs.items():
             r = measure(case, fns[case.op], device)
             rows.append((case, name, r))
-            print(f"{case.op:10s} h={case.hidden:5d} n={case.tokens:6d} {name:14s} "
-                  + "  ".join(f"{m} {r[m]:.3f} ms" for m in MODES), flush=True)
+            print(
+                f"{case.op:10s} h={case.hidden:5d} n={case.tokens:6d} {name:14s} "
+                + "  ".join(f"{m} {r[m]:.3f} ms" for m in MODES),
+                flush=True,
+            )
     return write_table(rows, device, dtype, copy_gbs, out_dir, smoke)
 
 
@@ -215,20 +225,26 @@ def results_path(out_dir: Path, device: str, kind: str, smoke: bool) -> tuple[Pa
 
 def write_table(rows, device, dtype, copy_gbs, out_dir: Path, smoke: bool) -> Path:
     path, name, date = results_path(out_dir, device, "kernels", smoke)
-    lines = [f"# Kernels: RMSNorm, SwiGLU, RoPE on {name} ({date})", "",
-             f"dtype {str(dtype).removeprefix('torch.')}, torch {torch.__version__}"
-             + (f", triton {__import__('triton').__version__}" if kernels.HAS_TRITON else "")
-             + f". Device copy bandwidth measured in this run: **{copy_gbs:,.0f} GB/s**. "
-             "Time: median ms; GB/s: minimum bytes the op must move / time (see benchmarks/kernels.py); "
-             "% copy: that as a share of the copy bandwidth; peak: extra memory of one forward+backward.",
-             "", "| op | hidden | tokens | provider | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd GB/s | % copy | peak MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Kernels: RMSNorm, SwiGLU, RoPE on {name} ({date})",
+        "",
+        f"dtype {str(dtype).removeprefix('torch.')}, torch {torch.__version__}"
+        + (f", triton {__import__('triton').__version__}" if kernels.HAS_TRITON else "")
+        + f". Device copy bandwidth measured in this run: **{copy_gbs:,.0f} GB/s**. "
+        "Time: median ms; GB/s: minimum bytes the op must move / time (see benchmarks/kernels.py); "
+        "% copy: that as a share of the copy bandwidth; peak: extra memory of one forward+backward.",
+        "",
+        "| op | hidden | tokens | provider | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd GB/s | % copy | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for case, prov, r in rows:
         total = case.bytes["fwd"] + case.bytes["bwd"]
         gbs = total / r["fwd+bwd"] / 1e6
         peak = f"{r['peak_mb']:.0f}" if "peak_mb" in r else "-"
-        lines.append(f"| {case.op} | {case.hidden} | {case.tokens} | {prov} | {r['fwd']:.3f} | {r['bwd']:.3f} | "
-                     f"{r['fwd+bwd']:.3f} | {gbs:,.0f} | {100 * gbs / copy_gbs:.0f}% | {peak} |")
+        lines.append(
+            f"| {case.op} | {case.hidden} | {case.tokens} | {prov} | {r['fwd']:.3f} | {r['bwd']:.3f} | "
+            f"{r['fwd+bwd']:.3f} | {gbs:,.0f} | {100 * gbs / copy_gbs:.0f}% | {peak} |"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")

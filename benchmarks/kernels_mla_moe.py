@@ -72,14 +72,30 @@ def _mla_train_case(device, dtype, heads, tokens, dn, dr, dv, peak_tflops):
     scale = (dn + dr) ** -0.5
     flops = 3.5 * 2 * heads * tokens * tokens / 2 * (dn + dr + dv)
     rows = []
-    for name, fn in {"ours (triton)": mla_attention_triton, "SDPA, V padded": _sdpa_padded,
-                     "reference (SDPA)": mla_attention_reference}.items():
-        x = [r(1, heads, tokens, dn), r(1, heads, tokens, dr), r(1, heads, tokens, dn), r(1, 1, tokens, dr),
-             r(1, heads, tokens, dv)]
+    for name, fn in {
+        "ours (triton)": mla_attention_triton,
+        "SDPA, V padded": _sdpa_padded,
+        "reference (SDPA)": mla_attention_reference,
+    }.items():
+        x = [
+            r(1, heads, tokens, dn),
+            r(1, heads, tokens, dr),
+            r(1, heads, tokens, dn),
+            r(1, 1, tokens, dr),
+            r(1, heads, tokens, dv),
+        ]
         ms = _fwd_bwd(lambda fn=fn, x=x: fn(*x, scale), x, device)
         tf = flops / ms / 1e9
-        rows.append(("mla train fwd+bwd", f"H={heads} T={tokens} qk={dn}+{dr} v={dv}", name, ms,
-                     f"{tf:.1f} TFLOP/s", f"{100 * tf / peak_tflops:.0f}% matmul"))
+        rows.append(
+            (
+                "mla train fwd+bwd",
+                f"H={heads} T={tokens} qk={dn}+{dr} v={dv}",
+                name,
+                ms,
+                f"{tf:.1f} TFLOP/s",
+                f"{100 * tf / peak_tflops:.0f}% matmul",
+            )
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -103,8 +119,16 @@ def _mla_decode_case(device, dtype, batch, cache, heads, r, dr, copy_gbs):
     for name, fn in {"ours (triton)": mla_decode_triton, "reference (SDPA)": mla_decode_reference}.items():
         ms = _bench(lambda fn=fn: fn(ql, qr, c, kr, scale), device)
         gbs = n_bytes / ms / 1e6
-        rows.append(("mla decode", f"B={batch} S={cache} H={heads} R={r}+{dr}", name, ms, f"{gbs:,.0f} GB/s",
-                     f"{100 * gbs / copy_gbs:.0f}% copy"))
+        rows.append(
+            (
+                "mla decode",
+                f"B={batch} S={cache} H={heads} R={r}+{dr}",
+                name,
+                ms,
+                f"{gbs:,.0f} GB/s",
+                f"{100 * gbs / copy_gbs:.0f}% copy",
+            )
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -152,8 +176,9 @@ def _moe_case(device, dtype, tokens, experts, topk, hidden, inter, peak_tflops):
             rows.append(("moe layer fwd+bwd", shape, name, float("nan"), f"failed: {str(e).splitlines()[0][:60]}", ""))
             continue
         tf = flops / ms / 1e9
-        rows.append(("moe layer fwd+bwd", shape, name, ms, f"{tf:.1f} TFLOP/s",
-                     f"{100 * tf / peak_tflops:.0f}% matmul"))
+        rows.append(
+            ("moe layer fwd+bwd", shape, name, ms, f"{tf:.1f} TFLOP/s", f"{100 * tf / peak_tflops:.0f}% matmul")
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -174,8 +199,13 @@ def run(smoke: bool, out_dir: Path = RESULTS) -> Path:
             raise SystemExit("this benchmark needs a GPU; use --smoke to check the script on CPU")
         dtype = torch.bfloat16
         train = [(h, t, 128, 64, 128) for h in (16, 128) for t in (2048, 8192)]
-        decode = [(b, s, h, 512, 64) for b in (1, 32, 128) for s in (1024, 8192, 32768) for h in (16, 128)
-                  if b * s <= 128 * 8192]
+        decode = [
+            (b, s, h, 512, 64)
+            for b in (1, 32, 128)
+            for s in (1024, 8192, 32768)
+            for h in (16, 128)
+            if b * s <= 128 * 8192
+        ]
         moe = [(n, 64, 6, 2048, 1408) for n in (4096, 16384, 32768)]
         copy_bytes, mm = 1 << 30, 8192
     copy_gbs = copy_bandwidth(device, dtype, copy_bytes)
@@ -183,11 +213,16 @@ def run(smoke: bool, out_dir: Path = RESULTS) -> Path:
     rows = mla_train_rows(device, dtype, train, peak) + mla_decode_rows(device, dtype, decode, copy_gbs)
     rows += moe_rows(device, dtype, moe, peak)
     path, name, date = results_path(out_dir, device, "mla-moe", smoke)
-    lines = [f"# Kernels: MLA attention, MLA decoding, MoE layer on {name} ({date})", "",
-             f"dtype {str(dtype).removeprefix('torch.')}, torch {torch.__version__}. Measured in this run: "
-             f"copy bandwidth **{copy_gbs:,.0f} GB/s**, {mm}^3 matmul **{peak:,.1f} TFLOP/s**. "
-             "Time: median ms (see benchmarks/kernels_mla_moe.py for the FLOP and byte counts).", "",
-             "| op | shape | provider | ms | rate | share |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Kernels: MLA attention, MLA decoding, MoE layer on {name} ({date})",
+        "",
+        f"dtype {str(dtype).removeprefix('torch.')}, torch {torch.__version__}. Measured in this run: "
+        f"copy bandwidth **{copy_gbs:,.0f} GB/s**, {mm}^3 matmul **{peak:,.1f} TFLOP/s**. "
+        "Time: median ms (see benchmarks/kernels_mla_moe.py for the FLOP and byte counts).",
+        "",
+        "| op | shape | provider | ms | rate | share |",
+        "|---|---|---|---|---|---|",
+    ]
     lines += [f"| {op} | {shape} | {prov} | {ms:.3f} | {rate} | {share} |" for op, shape, prov, ms, rate, share in rows]
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

@@ -1,6 +1,6 @@
 """Turn a pytest-benchmark JSON file into a dated markdown table under benchmarks/results/.
 
-    python -m benchmarks.report .benchmarks/cpu.json
+python -m benchmarks.report .benchmarks/cpu.json
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ def main(path: str) -> Path:
         b = rows[impl]
         med = b["stats"]["median"]
         info = b["extra_info"]
-        lines.append(f"| {impl} | {info['parameters'] / 1e6:.2f}M | {info['tokens']} | {med * 1e3:.1f} | "
-                     f"{b['stats']['min'] * 1e3:.1f} | {info['tokens'] / med:,.0f} |")
+        lines.append(
+            f"| {impl} | {info['parameters'] / 1e6:.2f}M | {info['tokens']} | {med * 1e3:.1f} | "
+            f"{b['stats']['min'] * 1e3:.1f} | {info['tokens'] / med:,.0f} |"
+        )
     ratio = rows["transformers"]["stats"]["median"] / rows["ours"]["stats"]["median"]
     # run-to-run noise: the larger relative interquartile range of the two
     noise = max(b["stats"]["iqr"] / b["stats"]["median"] for b in rows.values())

@@ -9,8 +9,16 @@ import torch
 
 from models import DenseLM, make_config
 
-CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+CONFIG = dict(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
 BATCH, SEQ = 8, 256
 
 
@@ -19,8 +27,9 @@ def _models():
 
     torch.manual_seed(0)
     ours = DenseLM(make_config("dense", **CONFIG))
-    hf_cfg = Qwen2Config(**{k: v for k, v in CONFIG.items()}, rope_theta=10000.0, rms_norm_eps=1e-6,
-                         attn_implementation="sdpa")
+    hf_cfg = Qwen2Config(
+        **{k: v for k, v in CONFIG.items()}, rope_theta=10000.0, rms_norm_eps=1e-6, attn_implementation="sdpa"
+    )
     theirs = Qwen2ForCausalLM(hf_cfg)
     theirs.load_state_dict(ours.state_dict())
     return ours, theirs
@@ -52,6 +61,7 @@ def test_train_step(benchmark, impl):
     model.train()
     step = _step_fn(model, impl == "ours")
     step()  # warm up
-    benchmark.extra_info.update(impl=impl, batch=BATCH, seq=SEQ, tokens=BATCH * SEQ,
-                                parameters=sum(p.numel() for p in model.parameters()))
+    benchmark.extra_info.update(
+        impl=impl, batch=BATCH, seq=SEQ, tokens=BATCH * SEQ, parameters=sum(p.numel() for p in model.parameters())
+    )
     benchmark.pedantic(step, rounds=15, iterations=1, warmup_rounds=2)

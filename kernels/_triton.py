@@ -16,9 +16,11 @@ try:
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the platform
     HAS_TRITON = False
-    triton = SimpleNamespace(jit=lambda fn=None, **_: fn if fn is not None else (lambda f: f),
-                             next_power_of_2=lambda n: 1 << max(0, int(n) - 1).bit_length(),
-                             cdiv=lambda a, b: -(-a // b))
+    triton = SimpleNamespace(
+        jit=lambda fn=None, **_: fn if fn is not None else (lambda f: f),
+        next_power_of_2=lambda n: 1 << max(0, int(n) - 1).bit_length(),
+        cdiv=lambda a, b: -(-a // b),
+    )
     tl = SimpleNamespace(constexpr=object)
 
 MAX_ROW_BLOCK = 16384  # widest row a program holds in registers at once; wider rows are processed in chunks

@@ -59,5 +59,6 @@ def mla_decode_reference(q_latent, q_rope, c_kv, k_rope, scale: float, mask=None
     t, s = q.shape[2], k.shape[2]
     if mask is None and t != s and t != 1:
         raise ValueError("mla_decode: pass a mask when queries are not the whole key range or one token")
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=_causal(mask, t, s), scale=scale,
-                                          enable_gqa=q.shape[1] > 1)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=_causal(mask, t, s), scale=scale, enable_gqa=q.shape[1] > 1
+    )

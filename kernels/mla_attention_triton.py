@@ -49,8 +49,23 @@ def _rows(ptr, pos, ok, stride, n, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _visible(q_pos, k_pos, q_ok, k_ok, b, h, SEQ_START, MASK, stride_sb, stride_mb, stride_mh, stride_mt,
-             stride_ms, OFFSET, MODE: tl.constexpr):
+def _visible(
+    q_pos,
+    k_pos,
+    q_ok,
+    k_ok,
+    b,
+    h,
+    SEQ_START,
+    MASK,
+    stride_sb,
+    stride_mb,
+    stride_mh,
+    stride_mt,
+    stride_ms,
+    OFFSET,
+    MODE: tl.constexpr,
+):
     """[BM, BN] boolean: may query q_pos see key k_pos. MODE 0 causal, 1 sequence starts, 2 mask tensor."""
     ok = q_ok[:, None] & k_ok[None, :]
     if MODE == 0:
@@ -59,8 +74,11 @@ def _visible(q_pos, k_pos, q_ok, k_ok, b, h, SEQ_START, MASK, stride_sb, stride_
         start = tl.load(SEQ_START + b * stride_sb + q_pos, mask=q_ok, other=0)
         ok = ok & (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= start[:, None])
     else:
-        m = tl.load(MASK + b * stride_mb + h * stride_mh + q_pos[:, None] * stride_mt + k_pos[None, :] * stride_ms,
-                    mask=ok, other=0)
+        m = tl.load(
+            MASK + b * stride_mb + h * stride_mh + q_pos[:, None] * stride_mt + k_pos[None, :] * stride_ms,
+            mask=ok,
+            other=0,
+        )
         ok = ok & (m != 0)
     return ok
 
@@ -82,8 +100,21 @@ def _key_range(q0, T, S, b, SEQ_START, stride_sb, OFFSET, MODE: tl.constexpr, BL
 
 
 @triton.jit
-def _scores(QN, QR, kn_ptr, kr_ptr, k_pos, k_ok, stride_kn_s, stride_kr_s, DN, DR,
-            BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, FP32_DOT: tl.constexpr):
+def _scores(
+    QN,
+    QR,
+    kn_ptr,
+    kr_ptr,
+    k_pos,
+    k_ok,
+    stride_kn_s,
+    stride_kr_s,
+    DN,
+    DR,
+    BLOCK_DN: tl.constexpr,
+    BLOCK_DR: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
     kn = _rows(kn_ptr, k_pos, k_ok, stride_kn_s, DN, BLOCK_DN)
     kr = _rows(kr_ptr, k_pos, k_ok, stride_kr_s, DR, BLOCK_DR)
     if FP32_DOT:
@@ -92,12 +123,54 @@ def _scores(QN, QR, kn_ptr, kr_ptr, k_pos, k_ok, stride_kn_s, stride_kr_s, DN, D
 
 
 @triton.jit
-def _mla_fwd(QN, QR, KN, KR, V, OUT, LSE, SEQ_START, MASK,
-             sqn_b, sqn_h, sqn_t, sqr_b, sqr_h, sqr_t, skn_b, skn_h, skn_s, skr_b, skr_s, sv_b, sv_h, sv_s,
-             so_b, so_h, so_t, stride_sb, smb, smh, smt, sms,
-             H, T, S, DN, DR, DV, OFFSET, scale,
-             MODE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _mla_fwd(
+    QN,
+    QR,
+    KN,
+    KR,
+    V,
+    OUT,
+    LSE,
+    SEQ_START,
+    MASK,
+    sqn_b,
+    sqn_h,
+    sqn_t,
+    sqr_b,
+    sqr_h,
+    sqr_t,
+    skn_b,
+    skn_h,
+    skn_s,
+    skr_b,
+    skr_s,
+    sv_b,
+    sv_h,
+    sv_s,
+    so_b,
+    so_h,
+    so_t,
+    stride_sb,
+    smb,
+    smh,
+    smt,
+    sms,
+    H,
+    T,
+    S,
+    DN,
+    DR,
+    DV,
+    OFFSET,
+    scale,
+    MODE: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DN: tl.constexpr,
+    BLOCK_DR: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -139,15 +212,19 @@ def _mla_fwd(QN, QR, KN, KR, V, OUT, LSE, SEQ_START, MASK,
         m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    tl.store(OUT + b * so_b + h * so_h + q_pos[:, None] * so_t + dv[None, :], out.to(OUT.dtype.element_ty),
-             mask=q_ok[:, None] & (dv[None, :] < DV))
+    tl.store(
+        OUT + b * so_b + h * so_h + q_pos[:, None] * so_t + dv[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=q_ok[:, None] & (dv[None, :] < DV),
+    )
     lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(l_safe))  # base 2; +inf: a query that sees nothing
     tl.store(LSE + bh.to(tl.int64) * T + q_pos, lse, mask=q_ok)
 
 
 @triton.jit
-def _bwd_delta(OUT, DO, DELTA, so_b, so_h, so_t, sdo_b, sdo_h, sdo_t, H, T, DV,
-               BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _bwd_delta(
+    OUT, DO, DELTA, so_b, so_h, so_t, sdo_b, sdo_h, sdo_t, H, T, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr
+):
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     q_pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -157,8 +234,27 @@ def _bwd_delta(OUT, DO, DELTA, so_b, so_h, so_t, sdo_b, sdo_h, sdo_t, H, T, DV,
 
 
 @triton.jit
-def _query_side(qn_ptr, qr_ptr, do_ptr, LSE, DELTA, bh, q_pos, q_ok, sqn_t, sqr_t, sdo_t, T, DN, DR, DV,
-                FP32_DOT: tl.constexpr, BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _query_side(
+    qn_ptr,
+    qr_ptr,
+    do_ptr,
+    LSE,
+    DELTA,
+    bh,
+    q_pos,
+    q_ok,
+    sqn_t,
+    sqr_t,
+    sdo_t,
+    T,
+    DN,
+    DR,
+    DV,
+    FP32_DOT: tl.constexpr,
+    BLOCK_DN: tl.constexpr,
+    BLOCK_DR: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """What the backward needs of a query block: q_nope, q_rope, dO tiles, log-sum-exp and delta."""
     qn = _rows(qn_ptr, q_pos, q_ok, sqn_t, DN, BLOCK_DN)
     qr = _rows(qr_ptr, q_pos, q_ok, sqr_t, DR, BLOCK_DR)
@@ -171,8 +267,23 @@ def _query_side(qn_ptr, qr_ptr, do_ptr, LSE, DELTA, bh, q_pos, q_ok, sqn_t, sqr_
 
 
 @triton.jit
-def _key_side(kn_ptr, kr_ptr, v_ptr, k_pos, k_ok, skn_s, skr_s, sv_s, DN, DR, DV,
-              FP32_DOT: tl.constexpr, BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _key_side(
+    kn_ptr,
+    kr_ptr,
+    v_ptr,
+    k_pos,
+    k_ok,
+    skn_s,
+    skr_s,
+    sv_s,
+    DN,
+    DR,
+    DV,
+    FP32_DOT: tl.constexpr,
+    BLOCK_DN: tl.constexpr,
+    BLOCK_DR: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """k_nope, the shared k_rope and v tiles of a key block."""
     kn = _rows(kn_ptr, k_pos, k_ok, skn_s, DN, BLOCK_DN)
     kr = _rows(kr_ptr, k_pos, k_ok, skr_s, DR, BLOCK_DR)
@@ -183,21 +294,90 @@ def _key_side(kn_ptr, kr_ptr, v_ptr, k_pos, k_ok, skn_s, skr_s, sv_s, DN, DR, DV
 
 
 @triton.jit
-def _bwd_dkdv(QN, QR, KN, KR, V, DO, LSE, DELTA, DKN, DKR, DV_, SEQ_START, MASK,
-              sqn_b, sqn_h, sqn_t, sqr_b, sqr_h, sqr_t, skn_b, skn_h, skn_s, skr_b, skr_s, sv_b, sv_h, sv_s,
-              sdo_b, sdo_h, sdo_t, sdkn_b, sdkn_h, sdkn_s, sdkr_b, sdkr_h, sdkr_s, sdv_b, sdv_h, sdv_s,
-              stride_sb, smb, smh, smt, sms,
-              H, T, S, DN, DR, DV, OFFSET, scale,
-              MODE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _bwd_dkdv(
+    QN,
+    QR,
+    KN,
+    KR,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DKN,
+    DKR,
+    DV_,
+    SEQ_START,
+    MASK,
+    sqn_b,
+    sqn_h,
+    sqn_t,
+    sqr_b,
+    sqr_h,
+    sqr_t,
+    skn_b,
+    skn_h,
+    skn_s,
+    skr_b,
+    skr_s,
+    sv_b,
+    sv_h,
+    sv_s,
+    sdo_b,
+    sdo_h,
+    sdo_t,
+    sdkn_b,
+    sdkn_h,
+    sdkn_s,
+    sdkr_b,
+    sdkr_h,
+    sdkr_s,
+    sdv_b,
+    sdv_h,
+    sdv_s,
+    stride_sb,
+    smb,
+    smh,
+    smt,
+    sms,
+    H,
+    T,
+    S,
+    DN,
+    DR,
+    DV,
+    OFFSET,
+    scale,
+    MODE: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DN: tl.constexpr,
+    BLOCK_DR: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     k_pos = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = k_pos < S
     dn, dr, dv = tl.arange(0, BLOCK_DN), tl.arange(0, BLOCK_DR), tl.arange(0, BLOCK_DV)
-    kn, kr, v = _key_side(KN + b * skn_b + h * skn_h, KR + b * skr_b, V + b * sv_b + h * sv_h, k_pos, k_ok,
-                          skn_s, skr_s, sv_s, DN, DR, DV, FP32_DOT, BLOCK_DN, BLOCK_DR, BLOCK_DV)
+    kn, kr, v = _key_side(
+        KN + b * skn_b + h * skn_h,
+        KR + b * skr_b,
+        V + b * sv_b + h * sv_h,
+        k_pos,
+        k_ok,
+        skn_s,
+        skr_s,
+        sv_s,
+        DN,
+        DR,
+        DV,
+        FP32_DOT,
+        BLOCK_DN,
+        BLOCK_DR,
+        BLOCK_DV,
+    )
     dkn = tl.zeros((BLOCK_N, BLOCK_DN), tl.float32)
     dkr = tl.zeros((BLOCK_N, BLOCK_DR), tl.float32)
     dvv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
@@ -212,9 +392,27 @@ def _bwd_dkdv(QN, QR, KN, KR, V, DO, LSE, DELTA, DKN, DKR, DV_, SEQ_START, MASK,
     for q0 in range(q_lo, T, BLOCK_M):
         q_pos = q0 + tl.arange(0, BLOCK_M)
         q_ok = q_pos < T
-        qn, qr, do, lse, delta = _query_side(QN + b * sqn_b + h * sqn_h, QR + b * sqr_b + h * sqr_h,
-                                             DO + b * sdo_b + h * sdo_h, LSE, DELTA, bh, q_pos, q_ok, sqn_t, sqr_t,
-                                             sdo_t, T, DN, DR, DV, FP32_DOT, BLOCK_DN, BLOCK_DR, BLOCK_DV)
+        qn, qr, do, lse, delta = _query_side(
+            QN + b * sqn_b + h * sqn_h,
+            QR + b * sqr_b + h * sqr_h,
+            DO + b * sdo_b + h * sdo_h,
+            LSE,
+            DELTA,
+            bh,
+            q_pos,
+            q_ok,
+            sqn_t,
+            sqr_t,
+            sdo_t,
+            T,
+            DN,
+            DR,
+            DV,
+            FP32_DOT,
+            BLOCK_DN,
+            BLOCK_DR,
+            BLOCK_DV,
+        )
         s = tl.dot(qn, tl.trans(kn)) + tl.dot(qr, tl.trans(kr))  # [BM, BN]
         vis = _visible(q_pos, k_pos, q_ok, k_ok, b, h, SEQ_START, MASK, stride_sb, smb, smh, smt, sms, OFFSET, MODE)
         p = tl.where(vis, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
@@ -228,23 +426,81 @@ def _bwd_dkdv(QN, QR, KN, KR, V, DO, LSE, DELTA, DKN, DKR, DV_, SEQ_START, MASK,
             dvv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dkn += tl.dot(tl.trans(ds.to(qn.dtype)), qn)
             dkr += tl.dot(tl.trans(ds.to(qr.dtype)), qr)
-    tl.store(DKN + b * sdkn_b + h * sdkn_h + k_pos[:, None] * sdkn_s + dn[None, :],
-             (dkn * scale).to(DKN.dtype.element_ty),
-             mask=k_ok[:, None] & (dn[None, :] < DN))
-    tl.store(DKR + b * sdkr_b + h * sdkr_h + k_pos[:, None] * sdkr_s + dr[None, :], dkr * scale,
-             mask=k_ok[:, None] & (dr[None, :] < DR))
-    tl.store(DV_ + b * sdv_b + h * sdv_h + k_pos[:, None] * sdv_s + dv[None, :], dvv.to(DV_.dtype.element_ty),
-             mask=k_ok[:, None] & (dv[None, :] < DV))
+    tl.store(
+        DKN + b * sdkn_b + h * sdkn_h + k_pos[:, None] * sdkn_s + dn[None, :],
+        (dkn * scale).to(DKN.dtype.element_ty),
+        mask=k_ok[:, None] & (dn[None, :] < DN),
+    )
+    tl.store(
+        DKR + b * sdkr_b + h * sdkr_h + k_pos[:, None] * sdkr_s + dr[None, :],
+        dkr * scale,
+        mask=k_ok[:, None] & (dr[None, :] < DR),
+    )
+    tl.store(
+        DV_ + b * sdv_b + h * sdv_h + k_pos[:, None] * sdv_s + dv[None, :],
+        dvv.to(DV_.dtype.element_ty),
+        mask=k_ok[:, None] & (dv[None, :] < DV),
+    )
 
 
 @triton.jit
-def _bwd_dq(QN, QR, KN, KR, V, DO, LSE, DELTA, DQN, DQR, SEQ_START, MASK,
-            sqn_b, sqn_h, sqn_t, sqr_b, sqr_h, sqr_t, skn_b, skn_h, skn_s, skr_b, skr_s, sv_b, sv_h, sv_s,
-            sdo_b, sdo_h, sdo_t, sdqn_b, sdqn_h, sdqn_t, sdqr_b, sdqr_h, sdqr_t,
-            stride_sb, smb, smh, smt, sms,
-            H, T, S, DN, DR, DV, OFFSET, scale,
-            MODE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _bwd_dq(
+    QN,
+    QR,
+    KN,
+    KR,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQN,
+    DQR,
+    SEQ_START,
+    MASK,
+    sqn_b,
+    sqn_h,
+    sqn_t,
+    sqr_b,
+    sqr_h,
+    sqr_t,
+    skn_b,
+    skn_h,
+    skn_s,
+    skr_b,
+    skr_s,
+    sv_b,
+    sv_h,
+    sv_s,
+    sdo_b,
+    sdo_h,
+    sdo_t,
+    sdqn_b,
+    sdqn_h,
+    sdqn_t,
+    sdqr_b,
+    sdqr_h,
+    sdqr_t,
+    stride_sb,
+    smb,
+    smh,
+    smt,
+    sms,
+    H,
+    T,
+    S,
+    DN,
+    DR,
+    DV,
+    OFFSET,
+    scale,
+    MODE: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DN: tl.constexpr,
+    BLOCK_DR: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
@@ -252,9 +508,27 @@ def _bwd_dq(QN, QR, KN, KR, V, DO, LSE, DELTA, DQN, DQR, SEQ_START, MASK,
     q_pos = q0 + tl.arange(0, BLOCK_M)
     q_ok = q_pos < T
     dn, dr = tl.arange(0, BLOCK_DN), tl.arange(0, BLOCK_DR)
-    qn, qr, do, lse, delta = _query_side(QN + b * sqn_b + h * sqn_h, QR + b * sqr_b + h * sqr_h,
-                                         DO + b * sdo_b + h * sdo_h, LSE, DELTA, bh, q_pos, q_ok, sqn_t, sqr_t,
-                                         sdo_t, T, DN, DR, DV, FP32_DOT, BLOCK_DN, BLOCK_DR, BLOCK_DV)
+    qn, qr, do, lse, delta = _query_side(
+        QN + b * sqn_b + h * sqn_h,
+        QR + b * sqr_b + h * sqr_h,
+        DO + b * sdo_b + h * sdo_h,
+        LSE,
+        DELTA,
+        bh,
+        q_pos,
+        q_ok,
+        sqn_t,
+        sqr_t,
+        sdo_t,
+        T,
+        DN,
+        DR,
+        DV,
+        FP32_DOT,
+        BLOCK_DN,
+        BLOCK_DR,
+        BLOCK_DV,
+    )
     dqn = tl.zeros((BLOCK_M, BLOCK_DN), tl.float32)
     dqr = tl.zeros((BLOCK_M, BLOCK_DR), tl.float32)
     qk_scale = scale * 1.4426950408889634
@@ -265,8 +539,23 @@ def _bwd_dq(QN, QR, KN, KR, V, DO, LSE, DELTA, DQN, DQR, SEQ_START, MASK,
     for k0 in range(lo, hi, BLOCK_N):
         k_pos = k0 + tl.arange(0, BLOCK_N)
         k_ok = k_pos < S
-        kn, kr, v = _key_side(kn_ptr, kr_ptr, V + b * sv_b + h * sv_h, k_pos, k_ok, skn_s, skr_s, sv_s, DN, DR, DV,
-                              FP32_DOT, BLOCK_DN, BLOCK_DR, BLOCK_DV)
+        kn, kr, v = _key_side(
+            kn_ptr,
+            kr_ptr,
+            V + b * sv_b + h * sv_h,
+            k_pos,
+            k_ok,
+            skn_s,
+            skr_s,
+            sv_s,
+            DN,
+            DR,
+            DV,
+            FP32_DOT,
+            BLOCK_DN,
+            BLOCK_DR,
+            BLOCK_DV,
+        )
         s = tl.dot(qn, tl.trans(kn)) + tl.dot(qr, tl.trans(kr))
         vis = _visible(q_pos, k_pos, q_ok, k_ok, b, h, SEQ_START, MASK, stride_sb, smb, smh, smt, sms, OFFSET, MODE)
         p = tl.where(vis, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
@@ -275,12 +564,16 @@ def _bwd_dq(QN, QR, KN, KR, V, DO, LSE, DELTA, DQN, DQR, SEQ_START, MASK,
             ds = ds.to(kn.dtype)
         dqn += tl.dot(ds, kn)
         dqr += tl.dot(ds, kr)
-    tl.store(DQN + b * sdqn_b + h * sdqn_h + q_pos[:, None] * sdqn_t + dn[None, :],
-             (dqn * scale).to(DQN.dtype.element_ty),
-             mask=q_ok[:, None] & (dn[None, :] < DN))
-    tl.store(DQR + b * sdqr_b + h * sdqr_h + q_pos[:, None] * sdqr_t + dr[None, :],
-             (dqr * scale).to(DQR.dtype.element_ty),
-             mask=q_ok[:, None] & (dr[None, :] < DR))
+    tl.store(
+        DQN + b * sdqn_b + h * sdqn_h + q_pos[:, None] * sdqn_t + dn[None, :],
+        (dqn * scale).to(DQN.dtype.element_ty),
+        mask=q_ok[:, None] & (dn[None, :] < DN),
+    )
+    tl.store(
+        DQR + b * sdqr_b + h * sdqr_h + q_pos[:, None] * sdqr_t + dr[None, :],
+        (dqr * scale).to(DQR.dtype.element_ty),
+        mask=q_ok[:, None] & (dr[None, :] < DR),
+    )
 
 
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -317,13 +610,45 @@ class MLAAttentionFunction(torch.autograd.Function):
         bm, bn = _blocks()
         out = torch.empty(b, h, t, dv, dtype=q_nope.dtype, device=q_nope.device)
         lse = torch.empty(b * h, t, dtype=torch.float32, device=q_nope.device)
-        consts = dict(MODE=mode, FP32_DOT=interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_DN=_pow2(dn),
-                      BLOCK_DR=_pow2(dr), BLOCK_DV=_pow2(dv))
+        consts = dict(
+            MODE=mode,
+            FP32_DOT=interpreting(),
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_DN=_pow2(dn),
+            BLOCK_DR=_pow2(dr),
+            BLOCK_DV=_pow2(dv),
+        )
         if b * h * t:
             _mla_fwd[(triton.cdiv(t, bm), b * h)](
-                q_nope, q_rope, k_nope, k_rope, v, out, lse, ss, m, *_strides3(q_nope), *_strides3(q_rope),
-                *_strides3(k_nope), k_rope.stride(0), k_rope.stride(2), *_strides3(v), *_strides3(out), ss_b, *m_str,
-                h, t, s, dn, dr, dv, s - t, scale, **consts)
+                q_nope,
+                q_rope,
+                k_nope,
+                k_rope,
+                v,
+                out,
+                lse,
+                ss,
+                m,
+                *_strides3(q_nope),
+                *_strides3(q_rope),
+                *_strides3(k_nope),
+                k_rope.stride(0),
+                k_rope.stride(2),
+                *_strides3(v),
+                *_strides3(out),
+                ss_b,
+                *m_str,
+                h,
+                t,
+                s,
+                dn,
+                dr,
+                dv,
+                s - t,
+                scale,
+                **consts,
+            )
         ctx.save_for_backward(q_nope, q_rope, k_nope, k_rope, v, out, lse, ss, m)
         ctx.scale, ctx.m_str, ctx.ss_b, ctx.consts = scale, m_str, ss_b, consts
         return out
@@ -341,17 +666,61 @@ class MLAAttentionFunction(torch.autograd.Function):
         dk_nope, dv_ = torch.empty_like(k_nope), torch.empty_like(v)
         dk_rope_heads = torch.empty(b, h, s, dr, dtype=torch.float32, device=q_nope.device)
         if b * h * t:
-            _bwd_delta[(triton.cdiv(t, bm), b * h)](out, dout, delta, *_strides3(out), *_strides3(dout), h, t, dv,
-                                                    BLOCK_M=bm, BLOCK_DV=consts["BLOCK_DV"])
-            common = (*_strides3(q_nope), *_strides3(q_rope), *_strides3(k_nope), k_rope.stride(0), k_rope.stride(2),
-                      *_strides3(v), *_strides3(dout))
+            _bwd_delta[(triton.cdiv(t, bm), b * h)](
+                out, dout, delta, *_strides3(out), *_strides3(dout), h, t, dv, BLOCK_M=bm, BLOCK_DV=consts["BLOCK_DV"]
+            )
+            common = (
+                *_strides3(q_nope),
+                *_strides3(q_rope),
+                *_strides3(k_nope),
+                k_rope.stride(0),
+                k_rope.stride(2),
+                *_strides3(v),
+                *_strides3(dout),
+            )
             tail = (ctx.ss_b, *ctx.m_str, h, t, s, dn, dr, dv, s - t, ctx.scale)
             _bwd_dkdv[(triton.cdiv(s, bn), b * h)](
-                q_nope, q_rope, k_nope, k_rope, v, dout, lse, delta, dk_nope, dk_rope_heads, dv_, ss, m, *common,
-                *_strides3(dk_nope), *_strides3(dk_rope_heads), *_strides3(dv_), *tail, num_warps=BWD_WARPS, **consts)
+                q_nope,
+                q_rope,
+                k_nope,
+                k_rope,
+                v,
+                dout,
+                lse,
+                delta,
+                dk_nope,
+                dk_rope_heads,
+                dv_,
+                ss,
+                m,
+                *common,
+                *_strides3(dk_nope),
+                *_strides3(dk_rope_heads),
+                *_strides3(dv_),
+                *tail,
+                num_warps=BWD_WARPS,
+                **consts,
+            )
             _bwd_dq[(triton.cdiv(t, bm), b * h)](
-                q_nope, q_rope, k_nope, k_rope, v, dout, lse, delta, dq_nope, dq_rope, ss, m, *common,
-                *_strides3(dq_nope), *_strides3(dq_rope), *tail, num_warps=BWD_WARPS, **consts)
+                q_nope,
+                q_rope,
+                k_nope,
+                k_rope,
+                v,
+                dout,
+                lse,
+                delta,
+                dq_nope,
+                dq_rope,
+                ss,
+                m,
+                *common,
+                *_strides3(dq_nope),
+                *_strides3(dq_rope),
+                *tail,
+                num_warps=BWD_WARPS,
+                **consts,
+            )
         else:
             dk_nope.zero_(), dv_.zero_(), dk_rope_heads.zero_()
         dk_rope = dk_rope_heads.sum(1, keepdim=True).to(k_rope.dtype)  # the shared rope key: sum over heads
@@ -366,12 +735,46 @@ def mla_attention_triton(q_nope, q_rope, k_nope, k_rope, v, scale: float, mask=N
 
 
 @triton.jit
-def _mla_decode_split(QL, QR, CKV, KR, PO, PLSE, MASK,
-                      sql_b, sql_h, sql_t, sqr_b, sqr_h, sqr_t, sc_b, sc_s, skr_b, skr_s,
-                      spo_b, spo_r, spo_sp, smb, smh, smt, sms,
-                      H, T, S, R, DR, OFFSET, scale, SPLIT_LEN,
-                      MODE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr):
+def _mla_decode_split(
+    QL,
+    QR,
+    CKV,
+    KR,
+    PO,
+    PLSE,
+    MASK,
+    sql_b,
+    sql_h,
+    sql_t,
+    sqr_b,
+    sqr_h,
+    sqr_t,
+    sc_b,
+    sc_s,
+    skr_b,
+    skr_s,
+    spo_b,
+    spo_r,
+    spo_sp,
+    smb,
+    smh,
+    smt,
+    sms,
+    H,
+    T,
+    S,
+    R,
+    DR,
+    OFFSET,
+    scale,
+    SPLIT_LEN,
+    MODE: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_DR: tl.constexpr,
+):
     """Rows are (head, query) pairs of one batch element: row = h * T + t. One split of the cache."""
     pid_m, b, sp = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -379,10 +782,16 @@ def _mla_decode_split(QL, QR, CKV, KR, PO, PLSE, MASK,
     hh = (rows // T).to(tl.int64)
     tt = (rows % T).to(tl.int64)
     rr, dr = tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_DR)
-    ql = tl.load(QL + b * sql_b + hh[:, None] * sql_h + tt[:, None] * sql_t + rr[None, :],
-                 mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
-    qr = tl.load(QR + b * sqr_b + hh[:, None] * sqr_h + tt[:, None] * sqr_t + dr[None, :],
-                 mask=row_ok[:, None] & (dr[None, :] < DR), other=0.0)
+    ql = tl.load(
+        QL + b * sql_b + hh[:, None] * sql_h + tt[:, None] * sql_t + rr[None, :],
+        mask=row_ok[:, None] & (rr[None, :] < R),
+        other=0.0,
+    )
+    qr = tl.load(
+        QR + b * sqr_b + hh[:, None] * sqr_h + tt[:, None] * sqr_t + dr[None, :],
+        mask=row_ok[:, None] & (dr[None, :] < DR),
+        other=0.0,
+    )
     if FP32_DOT:
         ql, qr = ql.to(tl.float32), qr.to(tl.float32)
     m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
@@ -403,8 +812,9 @@ def _mla_decode_split(QL, QR, CKV, KR, PO, PLSE, MASK,
         if MODE == 0:
             ok = ok & (k_pos[None, :] <= tt[:, None] + OFFSET)
         elif MODE == 2:
-            mv = tl.load(MASK + b * smb + hh[:, None] * smh + tt[:, None] * smt + k_pos[None, :] * sms,
-                         mask=ok, other=0)
+            mv = tl.load(
+                MASK + b * smb + hh[:, None] * smh + tt[:, None] * smt + k_pos[None, :] * sms, mask=ok, other=0
+            )
             ok = ok & (mv != 0)
         s = tl.where(ok, s * qk_scale, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -418,14 +828,32 @@ def _mla_decode_split(QL, QR, CKV, KR, PO, PLSE, MASK,
         m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     lse = tl.where(l_i == 0.0, -float("inf"), m_i + tl.log2(l_safe))  # -inf: this split saw nothing
-    tl.store(PO + b * spo_b + rows[:, None].to(tl.int64) * spo_r + sp * spo_sp + rr[None, :], acc / l_safe[:, None],
-             mask=row_ok[:, None] & (rr[None, :] < R))
+    tl.store(
+        PO + b * spo_b + rows[:, None].to(tl.int64) * spo_r + sp * spo_sp + rr[None, :],
+        acc / l_safe[:, None],
+        mask=row_ok[:, None] & (rr[None, :] < R),
+    )
     tl.store(PLSE + (b * H * T + rows) * tl.num_programs(2) + sp, lse, mask=row_ok)
 
 
 @triton.jit
-def _mla_decode_merge(PO, PLSE, OUT, spo_b, spo_r, spo_sp, so_b, so_h, so_t, H, T, R, NSPLIT,
-                      BLOCK_SPLIT: tl.constexpr, BLOCK_R: tl.constexpr):
+def _mla_decode_merge(
+    PO,
+    PLSE,
+    OUT,
+    spo_b,
+    spo_r,
+    spo_sp,
+    so_b,
+    so_h,
+    so_t,
+    H,
+    T,
+    R,
+    NSPLIT,
+    BLOCK_SPLIT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     row, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     hh, tt = row // T, row % T
     sp = tl.arange(0, BLOCK_SPLIT)
@@ -436,11 +864,15 @@ def _mla_decode_merge(PO, PLSE, OUT, spo_b, spo_r, spo_sp, so_b, so_h, so_t, H, 
     w = tl.exp2(lse - top)
     w = w / tl.maximum(tl.sum(w, axis=0), 1e-30)
     rr = tl.arange(0, BLOCK_R)
-    po = tl.load(PO + b * spo_b + row.to(tl.int64) * spo_r + sp[:, None] * spo_sp + rr[None, :],
-                 mask=sp_ok[:, None] & (rr[None, :] < R), other=0.0)
+    po = tl.load(
+        PO + b * spo_b + row.to(tl.int64) * spo_r + sp[:, None] * spo_sp + rr[None, :],
+        mask=sp_ok[:, None] & (rr[None, :] < R),
+        other=0.0,
+    )
     out = tl.sum(po * w[:, None], axis=0)
-    tl.store(OUT + b * so_b + hh.to(tl.int64) * so_h + tt.to(tl.int64) * so_t + rr, out.to(OUT.dtype.element_ty),
-             mask=rr < R)
+    tl.store(
+        OUT + b * so_b + hh.to(tl.int64) * so_h + tt.to(tl.int64) * so_t + rr, out.to(OUT.dtype.element_ty), mask=rr < R
+    )
 
 
 def mla_decode_triton(q_latent, q_rope, c_kv, k_rope, scale: float, mask=None, num_splits: int | None = None):
@@ -461,12 +893,47 @@ def mla_decode_triton(q_latent, q_rope, c_kv, k_rope, scale: float, mask=None, n
     if b * h * t == 0:
         return out
     _mla_decode_split[(triton.cdiv(h * t, bm), b, num_splits)](
-        q_latent, q_rope, c_kv, k_rope, partial, plse, m, *_strides3(q_latent), *_strides3(q_rope), c_kv.stride(0),
-        c_kv.stride(1), k_rope.stride(0), k_rope.stride(1), *_strides3(partial), *m_str,
-        h, t, s, r, dr, s - t, scale, split_len,
-        MODE=mode, FP32_DOT=interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=_pow2(r), BLOCK_DR=_pow2(dr))
-    _mla_decode_merge[(h * t, b)](partial, plse, out, *_strides3(partial), *_strides3(out), h, t, r, num_splits,
-                                  BLOCK_SPLIT=max(2, triton.next_power_of_2(num_splits)), BLOCK_R=_pow2(r))
+        q_latent,
+        q_rope,
+        c_kv,
+        k_rope,
+        partial,
+        plse,
+        m,
+        *_strides3(q_latent),
+        *_strides3(q_rope),
+        c_kv.stride(0),
+        c_kv.stride(1),
+        k_rope.stride(0),
+        k_rope.stride(1),
+        *_strides3(partial),
+        *m_str,
+        h,
+        t,
+        s,
+        r,
+        dr,
+        s - t,
+        scale,
+        split_len,
+        MODE=mode,
+        FP32_DOT=interpreting(),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_R=_pow2(r),
+        BLOCK_DR=_pow2(dr),
+    )
+    _mla_decode_merge[(h * t, b)](
+        partial,
+        plse,
+        out,
+        *_strides3(partial),
+        *_strides3(out),
+        h,
+        t,
+        r,
+        num_splits,
+        BLOCK_SPLIT=max(2, triton.next_power_of_2(num_splits)),
+        BLOCK_R=_pow2(r),
+    )
     return out
-
-

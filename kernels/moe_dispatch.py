@@ -29,15 +29,16 @@ def moe_permute(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor,
     return order, counts
 
 
-def grouped_mlp_reference(x_sorted: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor,
-                          w_down: torch.Tensor) -> torch.Tensor:
+def grouped_mlp_reference(
+    x_sorted: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
     inter = w_down.shape[-1]
     outs = []
     start = 0
     for e, n in enumerate(counts.tolist()):
         if n == 0:
             continue
-        xe = x_sorted[start:start + n]
+        xe = x_sorted[start : start + n]
         gate_up = F.linear(xe, w_gate_up[e])
         h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
         outs.append(F.linear(h, w_down[e]))
@@ -55,8 +56,9 @@ def moe_combine(y_sorted: torch.Tensor, order: torch.Tensor, topk_weight: torch.
     return weighted.sum(1).to(y_sorted.dtype)
 
 
-def moe_experts_reference(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
-                          w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+def moe_experts_reference(
+    x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
     order, counts = moe_permute(topk_idx, w_gate_up.shape[0])
     x_sorted = x[order // topk_idx.shape[1]]
     return moe_combine(grouped_mlp_reference(x_sorted, counts, w_gate_up, w_down), order, topk_weight)

@@ -153,10 +153,32 @@ def _tile_of(TILE_START, START, COUNTS, t, BLOCK_M: tl.constexpr, E_P: tl.conste
 
 
 @triton.jit
-def _gate_up_swiglu(X, ORDER, W, GU, Hout, START, COUNTS, TILE_START, INTER, K_DIM, TOPK,
-                    stride_xm, stride_we, stride_wn, stride_wk, stride_gu, stride_h,
-                    GATHER: tl.constexpr, SAVE_GU: tl.constexpr, FP32_DOT: tl.constexpr, E_P: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gate_up_swiglu(
+    X,
+    ORDER,
+    W,
+    GU,
+    Hout,
+    START,
+    COUNTS,
+    TILE_START,
+    INTER,
+    K_DIM,
+    TOPK,
+    stride_xm,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_gu,
+    stride_h,
+    GATHER: tl.constexpr,
+    SAVE_GU: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    E_P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     e, row0, row_end = _tile_of(TILE_START, START, COUNTS, tl.program_id(0), BLOCK_M, E_P)
     if e >= 0:
         rows = row0 + tl.arange(0, BLOCK_M)
@@ -194,10 +216,26 @@ def _gate_up_swiglu(X, ORDER, W, GU, Hout, START, COUNTS, TILE_START, INTER, K_D
 
 
 @triton.jit
-def _grouped_mm(A, B, C, START, COUNTS, TILE_START, N, K_DIM,
-                stride_am, stride_be, stride_bk, stride_bn, stride_cm,
-                FP32_DOT: tl.constexpr, E_P: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grouped_mm(
+    A,
+    B,
+    C,
+    START,
+    COUNTS,
+    TILE_START,
+    N,
+    K_DIM,
+    stride_am,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    FP32_DOT: tl.constexpr,
+    E_P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """C[r] = A[r] @ B[e] for the rows r of expert e; B[e] is [K_DIM, N] through its strides."""
     e, row0, row_end = _tile_of(TILE_START, START, COUNTS, tl.program_id(0), BLOCK_M, E_P)
     if e >= 0:
@@ -212,20 +250,43 @@ def _grouped_mm(A, B, C, START, COUNTS, TILE_START, N, K_DIM,
             ks = k0 + tl.arange(0, BLOCK_K)
             kmask = ks < K_DIM
             a = tl.load(A + rows64[:, None] * stride_am + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(b_e + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=kmask[:, None] & cmask[None, :],
-                        other=0.0)
+            b = tl.load(
+                b_e + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                mask=kmask[:, None] & cmask[None, :],
+                other=0.0,
+            )
             if FP32_DOT:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc += tl.dot(a, b)
-        tl.store(C + rows64[:, None] * stride_cm + cols[None, :], acc.to(C.dtype.element_ty),
-                 mask=rmask[:, None] & cmask[None, :])
+        tl.store(
+            C + rows64[:, None] * stride_cm + cols[None, :],
+            acc.to(C.dtype.element_ty),
+            mask=rmask[:, None] & cmask[None, :],
+        )
 
 
 @triton.jit
-def _grouped_wgrad(G, A, ORDER, DW, START, COUNTS, N, K_DIM, TOPK,
-                   stride_gm, stride_am, stride_we, stride_wn, stride_wk,
-                   GATHER: tl.constexpr, FP32_DOT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grouped_wgrad(
+    G,
+    A,
+    ORDER,
+    DW,
+    START,
+    COUNTS,
+    N,
+    K_DIM,
+    TOPK,
+    stride_gm,
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    GATHER: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """DW[e] = G[rows of e]^T @ A[rows of e] ([N, K_DIM]); A's rows gathered by token when GATHER."""
     e = tl.program_id(0)
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -247,16 +308,20 @@ def _grouped_wgrad(G, A, ORDER, DW, START, COUNTS, N, K_DIM, TOPK,
         if FP32_DOT:
             g, a = g.to(tl.float32), a.to(tl.float32)
         acc += tl.dot(tl.trans(g), a)
-    tl.store(DW + e.to(tl.int64) * stride_we + ns[:, None] * stride_wn + ks[None, :] * stride_wk,
-             acc.to(DW.dtype.element_ty), mask=nmask[:, None] & kmask[None, :])
+    tl.store(
+        DW + e.to(tl.int64) * stride_we + ns[:, None] * stride_wn + ks[None, :] * stride_wk,
+        acc.to(DW.dtype.element_ty),
+        mask=nmask[:, None] & kmask[None, :],
+    )
 
 
 # ---------------------------------------------------------------- combine
 
 
 @triton.jit
-def _combine(Y, PLACE_OF, W, OUT, H, stride_y, stride_o, TOPK: tl.constexpr, HAS_W: tl.constexpr,
-             BLOCK_H: tl.constexpr):
+def _combine(
+    Y, PLACE_OF, W, OUT, H, stride_y, stride_o, TOPK: tl.constexpr, HAS_W: tl.constexpr, BLOCK_H: tl.constexpr
+):
     n = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     m = cols < H
@@ -272,8 +337,9 @@ def _combine(Y, PLACE_OF, W, OUT, H, stride_y, stride_o, TOPK: tl.constexpr, HAS
 
 
 @triton.jit
-def _combine_bwd(DOUT, Y, PLACE_OF, W, DY, DW, H, stride_do, stride_y, stride_dy,
-                 TOPK: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_bwd(
+    DOUT, Y, PLACE_OF, W, DY, DW, H, stride_do, stride_y, stride_dy, TOPK: tl.constexpr, BLOCK_H: tl.constexpr
+):
     n = tl.program_id(0).to(tl.int64)
     for k in tl.static_range(TOPK):
         p = tl.load(PLACE_OF + n * TOPK + k).to(tl.int64)
@@ -299,10 +365,28 @@ def _gate_up(x, d: Dispatch, w_gate_up, rows: int, topk: int, save: bool):
     gu = torch.empty(rows, 2 * inter, dtype=x.dtype, device=x.device) if save else h
     grid = (d.max_tiles, triton.cdiv(inter, cfg["BLOCK_N"]))
     if rows:
-        _gate_up_swiglu[grid](x, d.order if d.order is not None else x, w_gate_up, gu, h, d.start, d.counts,
-                              d.tile_start, inter, x.shape[1], topk, x.stride(0), *w_gate_up.stride(),
-                              gu.stride(0), h.stride(0), GATHER=d.order is not None, SAVE_GU=save,
-                              FP32_DOT=interpreting(), E_P=d.e_pad, **cfg)
+        _gate_up_swiglu[grid](
+            x,
+            d.order if d.order is not None else x,
+            w_gate_up,
+            gu,
+            h,
+            d.start,
+            d.counts,
+            d.tile_start,
+            inter,
+            x.shape[1],
+            topk,
+            x.stride(0),
+            *w_gate_up.stride(),
+            gu.stride(0),
+            h.stride(0),
+            GATHER=d.order is not None,
+            SAVE_GU=save,
+            FP32_DOT=interpreting(),
+            E_P=d.e_pad,
+            **cfg,
+        )
     return (gu if save else None), h
 
 
@@ -312,8 +396,23 @@ def _mm(a, d: Dispatch, b, n: int, stride_bk: int, stride_bn: int):
     c = torch.empty(a.shape[0], n, dtype=a.dtype, device=a.device)
     if a.shape[0]:
         _grouped_mm[(d.max_tiles, triton.cdiv(n, cfg["BLOCK_N"]))](
-            a, b, c, d.start, d.counts, d.tile_start, n, a.shape[1], a.stride(0), b.stride(0), stride_bk, stride_bn,
-            c.stride(0), FP32_DOT=interpreting(), E_P=d.e_pad, **cfg)
+            a,
+            b,
+            c,
+            d.start,
+            d.counts,
+            d.tile_start,
+            n,
+            a.shape[1],
+            a.stride(0),
+            b.stride(0),
+            stride_bk,
+            stride_bn,
+            c.stride(0),
+            FP32_DOT=interpreting(),
+            E_P=d.e_pad,
+            **cfg,
+        )
     return c
 
 
@@ -322,8 +421,23 @@ def _wgrad(g, a, d: Dispatch, shape, dtype, topk: int, gather: bool):
     e, n, k = shape
     dw = torch.empty(shape, dtype=dtype, device=g.device)
     grid = (e, triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]))
-    _grouped_wgrad[grid](g, a, d.order if gather else g, dw, d.start, d.counts, n, k, topk, g.stride(0), a.stride(0),
-                         *dw.stride(), GATHER=gather, FP32_DOT=interpreting(), **cfg)
+    _grouped_wgrad[grid](
+        g,
+        a,
+        d.order if gather else g,
+        dw,
+        d.start,
+        d.counts,
+        n,
+        k,
+        topk,
+        g.stride(0),
+        a.stride(0),
+        *dw.stride(),
+        GATHER=gather,
+        FP32_DOT=interpreting(),
+        **cfg,
+    )
     return dw
 
 
@@ -332,9 +446,18 @@ def _combine_rows(y, place_of, weight, n_tokens: int, topk: int, out_dtype):
     out = torch.empty(n_tokens, h, dtype=out_dtype, device=y.device)
     block = min(1024, triton.next_power_of_2(max(h, 1)))
     if n_tokens:
-        _combine[(n_tokens, triton.cdiv(h, block))](y, place_of, weight if weight is not None else y, out, h,
-                                                     y.stride(0), out.stride(0), TOPK=topk, HAS_W=weight is not None,
-                                                     BLOCK_H=block)
+        _combine[(n_tokens, triton.cdiv(h, block))](
+            y,
+            place_of,
+            weight if weight is not None else y,
+            out,
+            h,
+            y.stride(0),
+            out.stride(0),
+            TOPK=topk,
+            HAS_W=weight is not None,
+            BLOCK_H=block,
+        )
     return out
 
 
@@ -343,9 +466,20 @@ def _swiglu_backward(dh, gu):
     dgu = torch.empty_like(gu)
     block = min(1024, triton.next_power_of_2(max(inter, 1)))
     if rows:
-        _swiglu_bwd[(rows, triton.cdiv(inter, block))](dh, gu, gu[:, inter:], dgu, dgu[:, inter:], dh.stride(0),
-                                                       gu.stride(0), gu.stride(0), dgu.stride(0), dgu.stride(0), inter,
-                                                       BLOCK=block)
+        _swiglu_bwd[(rows, triton.cdiv(inter, block))](
+            dh,
+            gu,
+            gu[:, inter:],
+            dgu,
+            dgu[:, inter:],
+            dh.stride(0),
+            gu.stride(0),
+            gu.stride(0),
+            dgu.stride(0),
+            dgu.stride(0),
+            inter,
+            BLOCK=block,
+        )
     return dgu
 
 
@@ -390,8 +524,20 @@ class MoEExpertsFunction(torch.autograd.Function):
         dweight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
         if n:
             block = min(1024, triton.next_power_of_2(max(y.shape[1], 1)))
-            _combine_bwd[(n,)](dout, y, d.place_of, weight, dy, dweight, y.shape[1], dout.stride(0), y.stride(0),
-                               dy.stride(0), TOPK=topk, BLOCK_H=block)
+            _combine_bwd[(n,)](
+                dout,
+                y,
+                d.place_of,
+                weight,
+                dy,
+                dweight,
+                y.shape[1],
+                dout.stride(0),
+                y.stride(0),
+                dy.stride(0),
+                TOPK=topk,
+                BLOCK_H=block,
+            )
         dx_rows, dw_gate_up, dw_down = _expert_grads(d, x, gu, h, dy, w_gate_up, w_down, topk, gather=True)
         dx = _combine_rows(dx_rows, d.place_of, None, n, topk, x.dtype)
         return dx, None, dweight.to(weight.dtype), dw_gate_up, dw_down
@@ -413,8 +559,9 @@ class GroupedMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x_sorted, w_gate_up, w_down, gu, h = ctx.saved_tensors
-        dx, dw_gate_up, dw_down = _expert_grads(ctx.d, x_sorted, gu, h, dy.contiguous(), w_gate_up, w_down, 1,
-                                                gather=False)
+        dx, dw_gate_up, dw_down = _expert_grads(
+            ctx.d, x_sorted, gu, h, dy.contiguous(), w_gate_up, w_down, 1, gather=False
+        )
         return dx, None, dw_gate_up, dw_down
 
 

@@ -17,9 +17,17 @@ from .swiglu import swiglu_reference, swiglu_triton
 
 # op name -> Triton implementation
 _TRITON_OPS: dict[str, object] = (
-    {"rms_norm": rms_norm_triton, "swiglu": swiglu_triton, "apply_rope": apply_rope_triton,
-     "moe_experts": moe_experts_triton, "grouped_mlp": grouped_mlp_triton, "mla_attention": mla_attention_triton,
-     "mla_decode": mla_decode_triton} if HAS_TRITON else {}
+    {
+        "rms_norm": rms_norm_triton,
+        "swiglu": swiglu_triton,
+        "apply_rope": apply_rope_triton,
+        "moe_experts": moe_experts_triton,
+        "grouped_mlp": grouped_mlp_triton,
+        "mla_attention": mla_attention_triton,
+        "mla_decode": mla_decode_triton,
+    }
+    if HAS_TRITON
+    else {}
 )
 
 
@@ -53,15 +61,17 @@ def apply_rope(
     return _dispatch("apply_rope", apply_rope_reference, backend, q)(q, k, cos, sin, layout)
 
 
-def mla_attention(q_nope, q_rope, k_nope, k_rope, v, scale: float, mask=None, seq_start=None,
-                  backend: str | None = None):
+def mla_attention(
+    q_nope, q_rope, k_nope, k_rope, v, scale: float, mask=None, seq_start=None, backend: str | None = None
+):
     """MLA attention with a shared rope key and a separate value head dim (see kernels/mla_attention.py).
     `seq_start` [B, T] (packed sequences: each token's sequence start, `seq_start_from_cu_seqlens`) in place
     of a mask: causal attention inside each sequence."""
     if seq_start is not None and mask is not None:
         raise ValueError("mla_attention: give a mask or seq_start, not both")
     return _dispatch("mla_attention", mla_attention_reference, backend, q_nope)(
-        q_nope, q_rope, k_nope, k_rope, v, scale, mask, seq_start)
+        q_nope, q_rope, k_nope, k_rope, v, scale, mask, seq_start
+    )
 
 
 def mla_decode(q_latent, q_rope, c_kv, k_rope, scale: float, mask=None, backend: str | None = None):

@@ -57,8 +57,22 @@ def _rms_norm_fwd(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, M, N, rows_per_program,
-                  BLOCK: tl.constexpr, CHUNKED: tl.constexpr):
+def _rms_norm_bwd(
+    DY,
+    X,
+    W,
+    RSTD,
+    DX,
+    DW_PART,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    M,
+    N,
+    rows_per_program,
+    BLOCK: tl.constexpr,
+    CHUNKED: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)  # int64 row offsets: rows x stride may pass 2^31
     cols = tl.arange(0, BLOCK)
     row_start = pid * rows_per_program
@@ -122,8 +136,19 @@ class RMSNormFunction(torch.autograd.Function):
         rstd = torch.empty(m, dtype=torch.float32, device=x.device)
         block = row_block(n, max_block) if max_block else row_block(n)
         if m:
-            _rms_norm_fwd[(m,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n, eps, BLOCK=block,
-                                CHUNKED=n > block, num_warps=num_warps_for(block))
+            _rms_norm_fwd[(m,)](
+                x2,
+                weight,
+                y,
+                rstd,
+                x2.stride(0),
+                y.stride(0),
+                n,
+                eps,
+                BLOCK=block,
+                CHUNKED=n > block,
+                num_warps=num_warps_for(block),
+            )
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape, ctx.block = x.shape, block
         return y.view(*x.shape[:-1], n)
@@ -140,9 +165,23 @@ class RMSNormFunction(torch.autograd.Function):
         dw_part = torch.zeros((programs, n), dtype=torch.float32, device=x2.device)
         block = ctx.block
         if m:
-            _rms_norm_bwd[(programs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0),
-                                       dx.stride(0), m, n, rows_per_program, BLOCK=block, CHUNKED=n > block,
-                                       num_warps=num_warps_for(block))
+            _rms_norm_bwd[(programs,)](
+                dy2,
+                x2,
+                weight,
+                rstd,
+                dx,
+                dw_part,
+                dy2.stride(0),
+                x2.stride(0),
+                dx.stride(0),
+                m,
+                n,
+                rows_per_program,
+                BLOCK=block,
+                CHUNKED=n > block,
+                num_warps=num_warps_for(block),
+            )
         dw = dw_part.sum(0).to(weight.dtype)
         return dx.view(ctx.shape), dw, None, None
 

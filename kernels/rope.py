@@ -56,8 +56,21 @@ def apply_rope_reference(
 
 
 @triton.jit
-def _rotate_tile(X, OUT, base_x, base_o, stride_xh, stride_oh, H, c, s, HALF,
-                 H_PAD: tl.constexpr, HALF_PAD: tl.constexpr, INTERLEAVED: tl.constexpr):
+def _rotate_tile(
+    X,
+    OUT,
+    base_x,
+    base_o,
+    stride_xh,
+    stride_oh,
+    H,
+    c,
+    s,
+    HALF,
+    H_PAD: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):
     h = tl.arange(0, H_PAD)[:, None]
     i = tl.arange(0, HALF_PAD)[None, :]
     m = (h < H) & (i < HALF)
@@ -75,9 +88,37 @@ def _rotate_tile(X, OUT, base_x, base_o, stride_xh, stride_oh, H, c, s, HALF,
 
 
 @triton.jit
-def _rope_kernel(Q, K, QO, KO, COS, SIN, T, HQ, HK, HALF,
-                 sqb, sqh, sqt, skb, skh, skt, sqob, sqoh, sqot, skob, skoh, skot, scb, sct, sign,
-                 HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr, HALF_PAD: tl.constexpr, INTERLEAVED: tl.constexpr):
+def _rope_kernel(
+    Q,
+    K,
+    QO,
+    KO,
+    COS,
+    SIN,
+    T,
+    HQ,
+    HK,
+    HALF,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    sqob,
+    sqoh,
+    sqot,
+    skob,
+    skoh,
+    skot,
+    scb,
+    sct,
+    sign,
+    HQ_PAD: tl.constexpr,
+    HK_PAD: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // T
     t = pid % T
@@ -85,10 +126,12 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, T, HQ, HK, HALF,
     cm = i < HALF
     c = tl.load(COS + b * scb + t * sct + i, mask=cm, other=0.0).to(tl.float32)
     s = tl.load(SIN + b * scb + t * sct + i, mask=cm, other=0.0).to(tl.float32) * sign
-    _rotate_tile(Q, QO, b * sqb + t * sqt, b * sqob + t * sqot, sqh, sqoh, HQ, c, s, HALF,
-                 HQ_PAD, HALF_PAD, INTERLEAVED)
-    _rotate_tile(K, KO, b * skb + t * skt, b * skob + t * skot, skh, skoh, HK, c, s, HALF,
-                 HK_PAD, HALF_PAD, INTERLEAVED)
+    _rotate_tile(
+        Q, QO, b * sqb + t * sqt, b * sqob + t * sqot, sqh, sqoh, HQ, c, s, HALF, HQ_PAD, HALF_PAD, INTERLEAVED
+    )
+    _rotate_tile(
+        K, KO, b * skb + t * skt, b * skob + t * skot, skh, skoh, HK, c, s, HALF, HK_PAD, HALF_PAD, INTERLEAVED
+    )
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -114,11 +157,34 @@ def _launch_rope(q, k, cos, sin, layout: str, sign: float):
     half = d // 2
     cb = cos.stride(0) if cos.shape[0] == b else 0
     _rope_kernel[(b * t,)](
-        q, k, qo, ko, cos, sin, t, hq, hk, half,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
-        cb, cos.stride(1), sign,
-        HQ_PAD=triton.next_power_of_2(hq), HK_PAD=triton.next_power_of_2(hk), HALF_PAD=triton.next_power_of_2(half),
+        q,
+        k,
+        qo,
+        ko,
+        cos,
+        sin,
+        t,
+        hq,
+        hk,
+        half,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        qo.stride(0),
+        qo.stride(1),
+        qo.stride(2),
+        ko.stride(0),
+        ko.stride(1),
+        ko.stride(2),
+        cb,
+        cos.stride(1),
+        sign,
+        HQ_PAD=triton.next_power_of_2(hq),
+        HK_PAD=triton.next_power_of_2(hk),
+        HALF_PAD=triton.next_power_of_2(half),
         INTERLEAVED=layout == "interleaved",
     )
     return qo, ko

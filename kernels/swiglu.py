@@ -81,8 +81,20 @@ class SwiGLUFunction(torch.autograd.Function):
         dg = torch.empty((m, n), dtype=g2.dtype, device=g2.device)
         du = torch.empty((m, n), dtype=u2.dtype, device=u2.device)
         if m and n:
-            _swiglu_bwd[_grid(m, n, ctx.block)](dc2, g2, u2, dg, du, dc2.stride(0), g2.stride(0), u2.stride(0),
-                                                dg.stride(0), du.stride(0), n, BLOCK=ctx.block)
+            _swiglu_bwd[_grid(m, n, ctx.block)](
+                dc2,
+                g2,
+                u2,
+                dg,
+                du,
+                dc2.stride(0),
+                g2.stride(0),
+                u2.stride(0),
+                dg.stride(0),
+                du.stride(0),
+                n,
+                BLOCK=ctx.block,
+            )
         return dg.view(ctx.shape), du.view(ctx.shape)
 
 

@@ -25,12 +25,14 @@ def apply_to_transformers(model: torch.nn.Module, backend: str = "triton") -> di
     for module in model.modules():
         name = type(module).__name__
         if name.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+
             def norm_forward(self, x):
                 return rms_norm(x, self.weight, self.variance_epsilon, backend=backend)
 
             module.forward = types.MethodType(norm_forward, module)
             counts["rms_norm"] += 1
         elif all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")) and _is_silu(module):
+
             def mlp_forward(self, x):
                 return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=backend))
 
@@ -38,6 +40,7 @@ def apply_to_transformers(model: torch.nn.Module, backend: str = "triton") -> di
             counts["swiglu"] += 1
     modeling = sys.modules.get(type(model).__module__)
     if modeling is not None and hasattr(modeling, "apply_rotary_pos_emb"):
+
         def rotary(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
             if unsqueeze_dim != 1:
                 raise NotImplementedError("apply_to_transformers: rope expects [batch, heads, seq, dim] tensors")

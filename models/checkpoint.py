@@ -55,8 +55,9 @@ def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer_dir: str |
     return write_model_files(model.state_dict(), model.config, out_dir, tokenizer_dir)
 
 
-def write_model_files(state: dict[str, torch.Tensor], config, out_dir: str | Path,
-                      tokenizer_dir: str | Path | None = None) -> Path:
+def write_model_files(
+    state: dict[str, torch.Tensor], config, out_dir: str | Path, tokenizer_dir: str | Path | None = None
+) -> Path:
     """Weights (tied lm_head stored once), config and, if given, the tokenizer files."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

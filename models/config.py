@@ -65,9 +65,12 @@ def _check_field(f: dataclasses.Field, value, annotation) -> None:
         raise ConfigError(f"field '{f.name}' must not be null")
     kinds = [a for a in allowed if a is not type(None)]
     ok = any(
-        isinstance(value, bool) if a is bool
-        else (isinstance(value, (int, float)) and not isinstance(value, bool)) if a is float
-        else (isinstance(value, int) and not isinstance(value, bool)) if a is int
+        isinstance(value, bool)
+        if a is bool
+        else (isinstance(value, (int, float)) and not isinstance(value, bool))
+        if a is float
+        else (isinstance(value, int) and not isinstance(value, bool))
+        if a is int
         else isinstance(value, a)
         for a in kinds
     )
@@ -189,22 +192,29 @@ class MoEConfig(ModelConfig):
         if e % g:
             raise ConfigError(f"field 'n_routed_experts' ({e}) must be divisible by 'n_group' ({g})")
         if g > 1 and e // g < 2:
-            raise ConfigError(f"group-limited routing needs at least 2 experts per group; "
-                              f"n_routed_experts/n_group = {e // g}")
+            raise ConfigError(
+                f"group-limited routing needs at least 2 experts per group; n_routed_experts/n_group = {e // g}"
+            )
         if self.topk_group > g:
             raise ConfigError(f"field 'topk_group' ({self.topk_group}) must not exceed 'n_group' ({g})")
         if self.num_experts_per_tok > self.topk_group * (e // g):
-            raise ConfigError(f"field 'num_experts_per_tok' ({self.num_experts_per_tok}) exceeds the experts in "
-                              f"the {self.topk_group} chosen group(s) ({self.topk_group * (e // g)})")
+            raise ConfigError(
+                f"field 'num_experts_per_tok' ({self.num_experts_per_tok}) exceeds the experts in "
+                f"the {self.topk_group} chosen group(s) ({self.topk_group * (e // g)})"
+            )
         if self.first_k_dense_replace > self.num_hidden_layers:
-            raise ConfigError(f"field 'first_k_dense_replace' ({self.first_k_dense_replace}) exceeds "
-                              f"'num_hidden_layers' ({self.num_hidden_layers})")
+            raise ConfigError(
+                f"field 'first_k_dense_replace' ({self.first_k_dense_replace}) exceeds "
+                f"'num_hidden_layers' ({self.num_hidden_layers})"
+            )
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             kind = rs.get("rope_type", rs.get("type"))
             if kind != "yarn" or "factor" not in rs or "original_max_position_embeddings" not in rs:
-                raise ConfigError("field 'rope_scaling' must be a YaRN dict with 'type': 'yarn', 'factor' and "
-                                  f"'original_max_position_embeddings', got {rs!r}")
+                raise ConfigError(
+                    "field 'rope_scaling' must be a YaRN dict with 'type': 'yarn', 'factor' and "
+                    f"'original_max_position_embeddings', got {rs!r}"
+                )
 
 
 @dataclass
@@ -265,13 +275,16 @@ class VLMConfig(ModelConfig):
         except ConfigError as e:
             raise ConfigError(f"text_config: {e}") from None
         if self.image_size % self.patch_size:
-            raise ConfigError(f"field 'image_size' ({self.image_size}) must be a multiple of 'patch_size' "
-                              f"({self.patch_size})")
+            raise ConfigError(
+                f"field 'image_size' ({self.image_size}) must be a multiple of 'patch_size' ({self.patch_size})"
+            )
         if self.grid % self.pixel_shuffle:
             raise ConfigError(f"field 'pixel_shuffle' ({self.pixel_shuffle}) must divide the patch grid ({self.grid})")
         if self.vision_hidden_size % self.vision_num_heads:
-            raise ConfigError(f"field 'vision_hidden_size' ({self.vision_hidden_size}) must be divisible by "
-                              f"'vision_num_heads' ({self.vision_num_heads})")
+            raise ConfigError(
+                f"field 'vision_hidden_size' ({self.vision_hidden_size}) must be divisible by "
+                f"'vision_num_heads' ({self.vision_num_heads})"
+            )
 
 
 CONFIG_CLASSES: dict[str, type[ModelConfig]] = {"dense": DenseConfig, "moe": MoEConfig, "vlm": VLMConfig}
@@ -283,53 +296,153 @@ PRESETS: dict[str, dict[str, dict]] = {
     "dense": {
         # dense nano: 1.31M parameters (0.90M with the demo's 896-token vocabulary). The CPU demo's model:
         # fast enough to learn column arithmetic through SFT in a few minutes on 2 cores.
-        "nano": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=512),
+        "nano": dict(
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        ),
         # dense micro: 0.35M parameters. Unit tests and smoke runs.
-        "micro": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256),
+        "micro": dict(
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        ),
         # dense tiny: 3.95M parameters.
-        "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=1024),
+        "tiny": dict(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+        ),
         # dense small: 24.66M parameters. A real small model for a GPU.
-        "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                      num_key_value_heads=2, max_position_embeddings=2048),
+        "small": dict(
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+        ),
         # dense base: 78.68M parameters (100.70M with a 32768-token vocabulary).
-        "base": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                     num_key_value_heads=4, max_position_embeddings=2048),
+        "base": dict(
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+        ),
     },
     "moe": {
         # moe micro: 0.65M parameters. Unit tests and verify.
-        "micro": dict(hidden_size=64, intermediate_size=176, moe_intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                      v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, max_position_embeddings=256),
+        "micro": dict(
+            hidden_size=64,
+            intermediate_size=176,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            max_position_embeddings=256,
+        ),
         # moe nano: 2.13M parameters. The demo's MoE model beside the dense nano model.
-        "nano": dict(hidden_size=128, intermediate_size=384, moe_intermediate_size=64, num_hidden_layers=4,
-                     num_attention_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-                     v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
-                     max_position_embeddings=512),
+        "nano": dict(
+            hidden_size=128,
+            intermediate_size=384,
+            moe_intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            kv_lora_rank=64,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            max_position_embeddings=512,
+        ),
         # moe tiny: 8.10M parameters.
-        "tiny": dict(hidden_size=256, intermediate_size=688, moe_intermediate_size=128, num_hidden_layers=4,
-                     num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
-                     qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
-                     topk_group=2, routed_scaling_factor=2.5, max_position_embeddings=1024),
+        "tiny": dict(
+            hidden_size=256,
+            intermediate_size=688,
+            moe_intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            q_lora_rank=96,
+            kv_lora_rank=64,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+            n_routed_experts=16,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            max_position_embeddings=1024,
+        ),
         # moe small: 103.74M parameters. A GPU-sized small MoE.
-        "small": dict(hidden_size=512, intermediate_size=1408, moe_intermediate_size=256, num_hidden_layers=8,
-                      num_attention_heads=8, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64,
-                      qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32, num_experts_per_tok=6, n_group=4,
-                      topk_group=2, routed_scaling_factor=2.5, max_position_embeddings=2048),
+        "small": dict(
+            hidden_size=512,
+            intermediate_size=1408,
+            moe_intermediate_size=256,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            q_lora_rank=256,
+            kv_lora_rank=128,
+            qk_nope_head_dim=64,
+            qk_rope_head_dim=32,
+            v_head_dim=64,
+            n_routed_experts=32,
+            num_experts_per_tok=6,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            max_position_embeddings=2048,
+        ),
     },
     # vision side only; the text side comes from the dense model the VLM starts from
     "vlm": {
         # vlm micro: 0.04M parameters.
-        "micro": dict(image_size=32, patch_size=8, vision_hidden_size=32, vision_intermediate_size=64,
-                      vision_num_layers=1, vision_num_heads=2),
+        "micro": dict(
+            image_size=32,
+            patch_size=8,
+            vision_hidden_size=32,
+            vision_intermediate_size=64,
+            vision_num_layers=1,
+            vision_num_heads=2,
+        ),
         # vlm nano: 0.11M parameters.
-        "nano": dict(image_size=32, patch_size=8, vision_hidden_size=64, vision_intermediate_size=128,
-                     vision_num_layers=2, vision_num_heads=4),
+        "nano": dict(
+            image_size=32,
+            patch_size=8,
+            vision_hidden_size=64,
+            vision_intermediate_size=128,
+            vision_num_layers=2,
+            vision_num_heads=4,
+        ),
         # vlm small: 21.88M parameters.
-        "small": dict(image_size=224, patch_size=16, vision_hidden_size=384, vision_intermediate_size=1536,
-                      vision_num_layers=12, vision_num_heads=6, pixel_shuffle=2),
+        "small": dict(
+            image_size=224,
+            patch_size=16,
+            vision_hidden_size=384,
+            vision_intermediate_size=1536,
+            vision_num_layers=12,
+            vision_num_heads=6,
+            pixel_shuffle=2,
+        ),
     },
 }
 

@@ -35,8 +35,9 @@ class MoEDecoderLayer(nn.Module):
         self.is_moe = layer_idx >= c.first_k_dense_replace
         self.mlp = DeepSeekMoE(c) if self.is_moe else SwiGLUMLP(c.hidden_size, c.intermediate_size)
 
-    def forward(self, x, cos, sin, mask=None, kv_cache=None,
-                with_balance: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x, cos, sin, mask=None, kv_cache=None, with_balance: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
@@ -91,8 +92,15 @@ class MoELM(CausalLMBase):
     def make_kv_cache(self, batch: int, max_len: int, dtype=None, device=None) -> LatentKVCache:
         c = self.config
         w = self.model.embed_tokens.weight
-        return LatentKVCache(c.num_hidden_layers, batch, c.kv_lora_rank, c.qk_rope_head_dim, max_len,
-                             dtype or w.dtype, device or w.device)
+        return LatentKVCache(
+            c.num_hidden_layers,
+            batch,
+            c.kv_lora_rank,
+            c.qk_rope_head_dim,
+            max_len,
+            dtype or w.dtype,
+            device or w.device,
+        )
 
     def cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         c = self.config
@@ -110,8 +118,7 @@ class MoELM(CausalLMBase):
         kv_cache: LatentKVCache | None = None,
     ) -> ModelOutput:
         """As DenseLM.forward; with a cache, attention runs on the latent cache with absorbed weights."""
-        h, cos, sin, mask = self.prepare(input_ids, inputs_embeds, attention_mask, position_ids, segment_ids,
-                                         kv_cache)
+        h, cos, sin, mask = self.prepare(input_ids, inputs_embeds, attention_mask, position_ids, segment_ids, kv_cache)
         balances = []
         for layer in self.model.layers:
             h, balance = layer(h, cos, sin, mask, kv_cache, with_balance=targets is not None)

@@ -46,18 +46,20 @@ def shard_experts(model: nn.Module, group, rank: int, size: int) -> None:
     for block in model.moe_blocks():
         ex = block.experts
         if ex.n_routed_experts % size:
-            raise ValueError(f"n_routed_experts ({ex.n_routed_experts}) must be divisible by the expert-parallel "
-                             f"size ({size})")
+            raise ValueError(
+                f"n_routed_experts ({ex.n_routed_experts}) must be divisible by the expert-parallel size ({size})"
+            )
         n = ex.n_routed_experts // size
         lo = rank * n
-        ex.gate_up_proj = nn.Parameter(ex.gate_up_proj.detach()[lo:lo + n].clone())
-        ex.down_proj = nn.Parameter(ex.down_proj.detach()[lo:lo + n].clone())
+        ex.gate_up_proj = nn.Parameter(ex.gate_up_proj.detach()[lo : lo + n].clone())
+        ex.down_proj = nn.Parameter(ex.down_proj.detach()[lo : lo + n].clone())
         ex.offset, ex.ep_group = lo, group
 
 
 def expert_parameter_names(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_parameters() if name.endswith(("experts.gate_up_proj",
-                                                                           "experts.down_proj"))]
+    return [
+        name for name, _ in model.named_parameters() if name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+    ]
 
 
 def gather_experts(model: nn.Module, state: dict[str, torch.Tensor], group) -> dict[str, torch.Tensor]:

@@ -37,8 +37,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
         if len(p):
-            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p) :] = 1
     return ids, mask
 
 
@@ -77,8 +77,7 @@ def generate(
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     padded = bool((mask == 0).any())
     extra = {"pixel_values": pixel_values.to(device)} if pixel_values is not None else {}
-    logits = model(ids, attention_mask=mask if padded else None, position_ids=positions, kv_cache=cache,
-                   **extra).logits
+    logits = model(ids, attention_mask=mask if padded else None, position_ids=positions, kv_cache=cache, **extra).logits
     context = ids  # prompt (padding included: pad_id is never a real token) and tokens so far
     for _ in range(max_len - t):
         next_logits = logits[:, -1, :].float()
@@ -101,7 +100,8 @@ def generate(
             break
         mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1
-        logits = model(nxt[:, None], attention_mask=mask if padded else None, position_ids=positions,
-                       kv_cache=cache).logits
+        logits = model(
+            nxt[:, None], attention_mask=mask if padded else None, position_ids=positions, kv_cache=cache
+        ).logits
     model.train(was_training)
     return out

@@ -26,8 +26,16 @@ from .layers import RMSNorm, yarn_mscale
 class LatentKVCache:
     """Per layer: the normalised KV latent [B, max_len, R] and the rotated rope key [B, max_len, Dr]."""
 
-    def __init__(self, num_layers: int, batch: int, kv_lora_rank: int, rope_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         self.c_kv = [torch.empty(batch, max_len, kv_lora_rank, dtype=dtype, device=device) for _ in range(num_layers)]
         self.k_rope = [torch.empty(batch, max_len, rope_dim, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
@@ -46,7 +54,7 @@ class LatentKVCache:
 
 
 def mla_softmax_scale(config) -> float:
-    scale = config.qk_head_dim ** -0.5
+    scale = config.qk_head_dim**-0.5
     rs = config.rope_scaling
     if rs is not None and rs.get("mscale_all_dim"):
         m = yarn_mscale(float(rs["factor"]), float(rs["mscale_all_dim"]))
@@ -60,8 +68,11 @@ class MultiheadLatentAttention(nn.Module):
         c = config
         self.layer_idx = layer_idx
         self.num_heads = c.num_attention_heads
-        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = (c.qk_nope_head_dim, c.qk_rope_head_dim,
-                                                                         c.v_head_dim)
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = (
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+        )
         self.kv_lora_rank = c.kv_lora_rank
         self.scale = mla_softmax_scale(c)
         q_out = self.num_heads * c.qk_head_dim

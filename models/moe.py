@@ -94,8 +94,9 @@ class DeepSeekMoE(nn.Module):
         self.n_routed_experts, self.num_experts_per_tok = c.n_routed_experts, c.num_experts_per_tok
         self.gate = MoEGate(c)
         self.experts = RoutedExperts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size)
-        self.shared_experts = (SwiGLUMLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts)
-                               if c.n_shared_experts else None)
+        self.shared_experts = (
+            SwiGLUMLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts) if c.n_shared_experts else None
+        )
         self.load: torch.Tensor | None = None  # tokens per expert since the last bias update (not a buffer:
         # DDP would overwrite every rank's counts with rank 0's)
 
@@ -125,8 +126,9 @@ class DeepSeekMoE(nn.Module):
         """mean over rows of sum_i f_i P_i (DeepSeek-V3 eqs. 17-20, before the factor alpha)."""
         b, t, k = idx.shape
         e = self.n_routed_experts
-        picks = torch.zeros(b, e, device=idx.device).scatter_add_(1, idx.reshape(b, -1), torch.ones(b, t * k,
-                                                                                                  device=idx.device))
+        picks = torch.zeros(b, e, device=idx.device).scatter_add_(
+            1, idx.reshape(b, -1), torch.ones(b, t * k, device=idx.device)
+        )
         f = picks * e / (k * t)
         p = (scores / scores.sum(-1, keepdim=True)).mean(1)
         return (f * p).sum(-1).mean()
@@ -134,8 +136,9 @@ class DeepSeekMoE(nn.Module):
     @torch.no_grad()
     def update_bias(self, speed: float, reduce) -> float | None:
         """b += speed * sign(mean load - load) from the counts summed over ranks; returns max/mean load."""
-        load = self.load if self.load is not None else torch.zeros(self.n_routed_experts,
-                                                                  device=self.gate.weight.device)
+        load = (
+            self.load if self.load is not None else torch.zeros(self.n_routed_experts, device=self.gate.weight.device)
+        )
         load = reduce(load.clone())  # every rank takes part, even one whose counts are empty
         self.load = None
         if float(load.sum()) == 0:

@@ -58,8 +58,9 @@ class DenseLM(CausalLMBase):
     def make_kv_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
         c = self.config
         w = self.model.embed_tokens.weight
-        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_len,
-                       dtype or w.dtype, device or w.device)
+        return KVCache(
+            c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_len, dtype or w.dtype, device or w.device
+        )
 
     def forward(
         self,
@@ -78,8 +79,7 @@ class DenseLM(CausalLMBase):
         attention_mask [B, past+T]: 1 for real tokens, 0 for padding. segment_ids [B, T]: packed
         documents that must not see each other. position_ids [B, T]: default past..past+T-1.
         """
-        h, cos, sin, mask = self.prepare(input_ids, inputs_embeds, attention_mask, position_ids, segment_ids,
-                                         kv_cache)
+        h, cos, sin, mask = self.prepare(input_ids, inputs_embeds, attention_mask, position_ids, segment_ids, kv_cache)
         for layer in self.model.layers:
             h = layer(h, cos, sin, mask, kv_cache)
         if kv_cache is not None:

@@ -50,7 +50,7 @@ class ThinkParser:
                     self._held = text
                     return out
                 if stripped.startswith(THINK_START):
-                    text = stripped[len(THINK_START):]
+                    text = stripped[len(THINK_START) :]
                     self._switch("reasoning")
                 elif THINK_START.startswith(stripped):  # maybe the beginning of "<think>"
                     self._held = text
@@ -61,14 +61,14 @@ class ThinkParser:
                 i = text.find(THINK_END)
                 if i >= 0:
                     self._emit("reasoning", text[:i].rstrip(), out)
-                    text = text[i + len(THINK_END):]
+                    text = text[i + len(THINK_END) :]
                     self._switch("answer")
                     continue
                 keep = _partial_suffix(text, THINK_END)
-                body, self._held = text[: len(text) - keep], text[len(text) - keep:]
+                body, self._held = text[: len(text) - keep], text[len(text) - keep :]
                 # trailing whitespace may precede </think>: hold it until we know
                 stripped = body.rstrip()
-                self._held = body[len(stripped):] + self._held
+                self._held = body[len(stripped) :] + self._held
                 self._emit("reasoning", stripped, out)
                 return out
             else:

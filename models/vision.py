@@ -20,8 +20,9 @@ from .config import VLMConfig
 class VisionEmbeddings(nn.Module):
     def __init__(self, c: VLMConfig):
         super().__init__()
-        self.patch_embedding = nn.Conv2d(c.num_channels, c.vision_hidden_size, kernel_size=c.patch_size,
-                                         stride=c.patch_size)
+        self.patch_embedding = nn.Conv2d(
+            c.num_channels, c.vision_hidden_size, kernel_size=c.patch_size, stride=c.patch_size
+        )
         self.position_embedding = nn.Embedding(c.grid * c.grid, c.vision_hidden_size)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -91,7 +92,7 @@ def pixel_shuffle(x: torch.Tensor, r: int) -> torch.Tensor:
     if r == 1:
         return x
     n, t, d = x.shape
-    g = int(round(t ** 0.5))
+    g = int(round(t**0.5))
     x = x.view(n, g // r, r, g // r, r, d).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(n, (g // r) ** 2, r * r * d)
 

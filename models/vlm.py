@@ -68,8 +68,10 @@ class VLM(nn.Module):
             return embeds
         feats = self.image_features(pixel_values)
         if feats.shape[0] * feats.shape[1] != n_slots:
-            raise ValueError(f"{feats.shape[0]} image(s) give {feats.shape[0] * feats.shape[1]} image tokens, "
-                             f"the input has {n_slots} {IMAGE} tokens")
+            raise ValueError(
+                f"{feats.shape[0]} image(s) give {feats.shape[0] * feats.shape[1]} image tokens, "
+                f"the input has {n_slots} {IMAGE} tokens"
+            )
         embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype).reshape(-1))
         return embeds
 

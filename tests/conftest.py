@@ -46,10 +46,48 @@ def sft_model_dir(tmp_path_factory, synthetic_dir, tokenizer_dir):
     from train.sft import main as sft_main
 
     d = tmp_path_factory.mktemp("dpo-init")
-    pretrain_main(["--data", str(synthetic_dir / "pretrain_train.jsonl"), "--tokenizer", str(tokenizer_dir),
-                   "--out", str(d / "pre"), "--preset", "micro", "--seq-len", "64", "--batch-size", "8",
-                   "--max-steps", "20", "--eval-every", "0", "--no-progress", "--lr", "1e-2"])
-    sft_main(["--init", str(d / "pre"), "--data", str(synthetic_dir / "sft_train.jsonl"), "--out", str(d / "sft"),
-              "--seq-len", "256", "--batch-size", "8", "--max-steps", "20", "--eval-every", "0", "--no-progress",
-              "--lr", "1e-2"])
+    pretrain_main(
+        [
+            "--data",
+            str(synthetic_dir / "pretrain_train.jsonl"),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--out",
+            str(d / "pre"),
+            "--preset",
+            "micro",
+            "--seq-len",
+            "64",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "20",
+            "--eval-every",
+            "0",
+            "--no-progress",
+            "--lr",
+            "1e-2",
+        ]
+    )
+    sft_main(
+        [
+            "--init",
+            str(d / "pre"),
+            "--data",
+            str(synthetic_dir / "sft_train.jsonl"),
+            "--out",
+            str(d / "sft"),
+            "--seq-len",
+            "256",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "20",
+            "--eval-every",
+            "0",
+            "--no-progress",
+            "--lr",
+            "1e-2",
+        ]
+    )
     return d / "sft"

@@ -16,8 +16,12 @@ def test_mla_moe_benchmark_smoke(tmp_path):
     from benchmarks.kernels_mla_moe import run as run_mla_moe
 
     text = run_mla_moe(smoke=True, out_dir=tmp_path).read_text()
-    for op, prov in (("mla train fwd+bwd", "SDPA, V padded"), ("mla decode", "ours (triton)"),
-                     ("moe layer fwd+bwd", "per-expert loop"), ("moe layer fwd+bwd", "ours (triton)")):
+    for op, prov in (
+        ("mla train fwd+bwd", "SDPA, V padded"),
+        ("mla decode", "ours (triton)"),
+        ("moe layer fwd+bwd", "per-expert loop"),
+        ("moe layer fwd+bwd", "ours (triton)"),
+    ):
         assert f"| {op} |" in text and f"| {prov} |" in text
     assert "failed" not in text and "TFLOP/s" in text
 
@@ -36,5 +40,6 @@ def test_grouped_mm_baseline_computes_the_moe_layer():
     x, weight = torch.randn(20, 32), torch.rand(20, 2)
     idx = torch.stack([torch.randperm(5)[:2] for _ in range(20)])
     w_gate_up, w_down = torch.randn(5, 48, 32), torch.randn(5, 32, 24)
-    torch.testing.assert_close(grouped_mm_experts(x, idx, weight, w_gate_up, w_down),
-                               moe_experts_reference(x, idx, weight, w_gate_up, w_down))
+    torch.testing.assert_close(
+        grouped_mm_experts(x, idx, weight, w_gate_up, w_down), moe_experts_reference(x, idx, weight, w_gate_up, w_down)
+    )

@@ -27,15 +27,43 @@ def test_pipeline_through_the_real_entry_points(tmp_path):
     for name in ("pretrain", "sft", "dpo"):
         for split in ("train", "eval"):
             assert (data / f"{name}_{split}.jsonl").stat().st_size > 0
-    r = _run(cli, "tokenizer", "--data", str(data / "pretrain_train.jsonl"), "--vocab-size", "512",
-             "--out", str(tok), "--quiet")
+    r = _run(
+        cli,
+        "tokenizer",
+        "--data",
+        str(data / "pretrain_train.jsonl"),
+        "--vocab-size",
+        "512",
+        "--out",
+        str(tok),
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     from train.data.tokenizer import load_tokenizer
 
     assert 256 + 7 < len(load_tokenizer(tok)) <= 512
-    r = _run(sys.executable, "-m", "train.pretrain", "--data", str(data / "pretrain_train.jsonl"),
-             "--tokenizer", str(tok), "--out", str(run), "--preset", "micro", "--max-steps", "3",
-             "--seq-len", "32", "--batch-size", "4", "--eval-every", "0", "--no-progress")
+    r = _run(
+        sys.executable,
+        "-m",
+        "train.pretrain",
+        "--data",
+        str(data / "pretrain_train.jsonl"),
+        "--tokenizer",
+        str(tok),
+        "--out",
+        str(run),
+        "--preset",
+        "micro",
+        "--max-steps",
+        "3",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "0",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     assert (run / "checkpoints" / "step_0000003" / "model.safetensors").exists()
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
@@ -75,32 +103,67 @@ def _expect_error(capsys, argv, needle):
 
 
 def test_bad_inputs_give_one_clear_error(tmp_path, capsys, tokenizer_dir):
-    _expect_error(capsys, ["tokenizer", "--data", str(tmp_path / "none.txt"), "--out", str(tmp_path / "t")],
-                  "none.txt: data file not found")
+    _expect_error(
+        capsys,
+        ["tokenizer", "--data", str(tmp_path / "none.txt"), "--out", str(tmp_path / "t")],
+        "none.txt: data file not found",
+    )
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": 12}\n')
-    _expect_error(capsys, ["pretrain", "--data", str(bad), "--tokenizer", str(tokenizer_dir),
-                           "--out", str(tmp_path / "r"), "--no-progress"], f"{bad}:2: field 'text' must be a string")
+    _expect_error(
+        capsys,
+        [
+            "pretrain",
+            "--data",
+            str(bad),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--out",
+            str(tmp_path / "r"),
+            "--no-progress",
+        ],
+        f"{bad}:2: field 'text' must be a string",
+    )
     _expect_error(capsys, ["pretrain", "--data", str(bad), "--out", str(tmp_path / "r")], "--tokenizer DIR is required")
-    _expect_error(capsys, ["pretrain", "--data", str(bad), "--tokenizer", str(tmp_path), "--out", str(tmp_path / "r")],
-                  "not a tokenizer directory")
-    _expect_error(capsys, ["pretrain", "--data", str(bad), "--tokenizer", str(tokenizer_dir),
-                           "--out", str(tmp_path / "r"), "--resume"], "no checkpoint in")
-    _expect_error(capsys, ["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "h")],
-                  "no such checkpoint directory")
+    _expect_error(
+        capsys,
+        ["pretrain", "--data", str(bad), "--tokenizer", str(tmp_path), "--out", str(tmp_path / "r")],
+        "not a tokenizer directory",
+    )
+    _expect_error(
+        capsys,
+        ["pretrain", "--data", str(bad), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "r"), "--resume"],
+        "no checkpoint in",
+    )
+    _expect_error(
+        capsys,
+        ["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "h")],
+        "no such checkpoint directory",
+    )
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
-def test_seq_len_longer_than_the_context_is_one_error_in_every_stage(stage, tmp_path, capsys, sft_model_dir,
-                                                                      synthetic_dir, tokenizer_dir):
+def test_seq_len_longer_than_the_context_is_one_error_in_every_stage(
+    stage, tmp_path, capsys, sft_model_dir, synthetic_dir, tokenizer_dir
+):
     """One check shared by every stage: the micro model's context is 256 tokens."""
     if stage == "pretrain":
-        argv = ["pretrain", "--data", str(synthetic_dir / "pretrain_train.jsonl"), "--tokenizer", str(tokenizer_dir),
-                "--preset", "micro"]
+        argv = [
+            "pretrain",
+            "--data",
+            str(synthetic_dir / "pretrain_train.jsonl"),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--preset",
+            "micro",
+        ]
     else:
         argv = [stage, "--init", str(sft_model_dir), "--data", str(synthetic_dir / f"{stage}_train.jsonl")]
-    _expect_error(capsys, argv + ["--out", str(tmp_path / "r"), "--seq-len", "300", "--no-progress"],
-                  "--seq-len 300 is longer than the model's context (max_position_embeddings=256)")
+    _expect_error(
+        capsys,
+        argv + ["--out", str(tmp_path / "r"), "--seq-len", "300", "--no-progress"],
+        "--seq-len 300 is longer than the model's context (max_position_embeddings=256)",
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -108,8 +171,7 @@ def test_tokenizer_that_does_not_match_the_checkpoint(tmp_path, capsys, tokenize
     from models import DenseLM, make_config, save_model
 
     save_model(DenseLM(make_config("dense", "micro", vocab_size=64)), tmp_path / "ck", tokenizer_dir)
-    _expect_error(capsys, ["sample", "--checkpoint", str(tmp_path / "ck"), "--prompt", "hi"],
-                  "the tokenizer has")
+    _expect_error(capsys, ["sample", "--checkpoint", str(tmp_path / "ck"), "--prompt", "hi"], "the tokenizer has")
 
 
 @pytest.mark.slow
@@ -119,7 +181,8 @@ def test_verify_every_stage_learns(tmp_path):
     rows = json.loads((tmp_path / "v" / "verify.json").read_text())
     runs = [(row["model"], row["stage"]) for row in rows]
     assert runs == [(m, s) for m in ("dense", "moe") for s in ("pretrain", "sft", "dpo")] + [
-        ("vlm", s) for s in ("align", "sft", "dpo")]
+        ("vlm", s) for s in ("align", "sft", "dpo")
+    ]
     assert all(row["last_loss"] < row["first_loss"] for row in rows)
 
 
@@ -128,10 +191,23 @@ def test_chat_one_shot_cli(tmp_path, tokenizer_dir):
     from models import DenseLM, make_config, save_model
     from train.data.tokenizer import load_tokenizer
 
-    save_model(DenseLM(make_config("dense", "micro", vocab_size=len(load_tokenizer(tokenizer_dir)))),
-               tmp_path / "ck", tokenizer_dir)
-    args = (str(BIN / "llm-scratch"), "chat", "--checkpoint", str(tmp_path / "ck"), "--prompt", "What is 1 + 2?",
-            "--temperature", "0", "--max-new-tokens", "12")
+    save_model(
+        DenseLM(make_config("dense", "micro", vocab_size=len(load_tokenizer(tokenizer_dir)))),
+        tmp_path / "ck",
+        tokenizer_dir,
+    )
+    args = (
+        str(BIN / "llm-scratch"),
+        "chat",
+        "--checkpoint",
+        str(tmp_path / "ck"),
+        "--prompt",
+        "What is 1 + 2?",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+    )
     a, b = _run(*args), _run(*args)
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout  # greedy: deterministic

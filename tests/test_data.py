@@ -18,8 +18,11 @@ def _write(path, lines):
 @pytest.mark.parametrize(
     "loader, lines, needle",
     [
-        (load_sft, [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
-                    "{oops"], ":2: not valid JSON"),
+        (
+            load_sft,
+            [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "{oops"],
+            ":2: not valid JSON",
+        ),
         (load_sft, [{"conversation": []}], ":1: field 'messages' must be a non-empty list"),
         (load_sft, [{"messages": [{"role": "bot", "content": "x"}]}], ":1: messages[0].role must be one of"),
         (load_sft, [{"messages": [{"role": "user", "content": 3}]}], ":1: messages[0].content must be a string"),
@@ -27,10 +30,16 @@ def _write(path, lines):
         (load_sft, ["[1, 2]"], ":1: expected a JSON object"),
         (load_dpo, [{"prompt": "q", "chosen": "a"}], ":1: missing field 'rejected'"),
         (load_dpo, [{"prompt": "q", "chosen": "a", "rejected": 5}], "field 'rejected' must be a string"),
-        (load_dpo, [{"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}],
-         "field 'chosen' must end with an assistant message"),
-        (lambda p: list(iter_pretrain_texts(p)), ["", {"text": "ok"}, {"txt": "no"}],
-         ":3: field 'text' must be a string"),
+        (
+            load_dpo,
+            [{"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}],
+            "field 'chosen' must end with an assistant message",
+        ),
+        (
+            lambda p: list(iter_pretrain_texts(p)),
+            ["", {"text": "ok"}, {"txt": "no"}],
+            ":3: field 'text' must be a string",
+        ),
     ],
 )
 def test_malformed_records_name_file_and_line(tmp_path, loader, lines, needle):
@@ -49,11 +58,17 @@ def test_missing_file_and_wrong_suffix(tmp_path):
 
 
 def test_dpo_accepts_strings_and_message_lists(tmp_path):
-    path = _write(tmp_path / "dpo.jsonl", [
-        {"prompt": "q1", "chosen": "good", "rejected": "bad"},
-        {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q2"}],
-         "chosen": [{"role": "assistant", "content": "good2"}], "rejected": [{"role": "assistant", "content": "bad2"}]},
-    ])
+    path = _write(
+        tmp_path / "dpo.jsonl",
+        [
+            {"prompt": "q1", "chosen": "good", "rejected": "bad"},
+            {
+                "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q2"}],
+                "chosen": [{"role": "assistant", "content": "good2"}],
+                "rejected": [{"role": "assistant", "content": "bad2"}],
+            },
+        ],
+    )
     a, b = load_dpo(path)
     assert (a.prompt, a.chosen, a.rejected) == ([{"role": "user", "content": "q1"}], "good", "bad")
     assert a.images == [] and a.where.endswith("dpo.jsonl:1")

@@ -26,11 +26,33 @@ GLOBAL_BATCH = 8
 
 
 def _common(synthetic_dir, tokenizer_dir, out):
-    return ["--data", str(synthetic_dir / "pretrain_train.jsonl"),
-            "--eval-data", str(synthetic_dir / "pretrain_eval.jsonl"),
-            "--tokenizer", str(tokenizer_dir), "--out", str(out), "--preset", "micro", "--seq-len", "64",
-            "--max-steps", "4", "--eval-every", "2", "--eval-batches", "2", "--warmup-steps", "2",
-            "--save-every", "2", "--seed", "1", "--no-progress"]
+    return [
+        "--data",
+        str(synthetic_dir / "pretrain_train.jsonl"),
+        "--eval-data",
+        str(synthetic_dir / "pretrain_eval.jsonl"),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--out",
+        str(out),
+        "--preset",
+        "micro",
+        "--seq-len",
+        "64",
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "2",
+        "--warmup-steps",
+        "2",
+        "--save-every",
+        "2",
+        "--seed",
+        "1",
+        "--no-progress",
+    ]
 
 
 def _port() -> str:
@@ -109,8 +131,12 @@ def test_zero3_stop_resume_continue_and_export(reference, synthetic_dir, tokeniz
     ckpt = out / "checkpoints" / "step_0000004"
     bare = tmp_path / "bare" / "step_0000004"
     shutil.copytree(ckpt, bare, ignore=shutil.ignore_patterns("model.safetensors"))
-    r = subprocess.run([str(BIN / "llm-scratch"), "export", "--checkpoint", str(bare), "--out", str(tmp_path / "hf")],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [str(BIN / "llm-scratch"), "export", "--checkpoint", str(bare), "--out", str(tmp_path / "hf")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     from transformers import AutoModelForCausalLM
 
@@ -125,10 +151,31 @@ def test_zero3_stop_resume_continue_and_export(reference, synthetic_dir, tokeniz
 
 
 def _finetune_args(kind: str, init: Path, synthetic_dir: Path, out: Path) -> list[str]:
-    return ["--init", str(init), "--data", str(synthetic_dir / f"{kind}_train.jsonl"),
-            "--eval-data", str(synthetic_dir / f"{kind}_eval.jsonl"), "--out", str(out), "--seq-len", "256",
-            "--max-steps", "3", "--eval-every", "3", "--eval-batches", "2", "--warmup-steps", "1", "--lr", "1e-3",
-            "--seed", "2", "--no-progress"]
+    return [
+        "--init",
+        str(init),
+        "--data",
+        str(synthetic_dir / f"{kind}_train.jsonl"),
+        "--eval-data",
+        str(synthetic_dir / f"{kind}_eval.jsonl"),
+        "--out",
+        str(out),
+        "--seq-len",
+        "256",
+        "--max-steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "2",
+        "--no-progress",
+    ]
 
 
 @pytest.mark.slow
@@ -140,13 +187,21 @@ def test_sft_and_dpo_under_deepspeed_match_one_process(sft_model_dir, synthetic_
     from train.sft import main as sft_main
 
     sft_main(_finetune_args("sft", sft_model_dir, synthetic_dir, tmp_path / "sft1") + ["--batch-size", "8"])
-    _launch("deepspeed", _finetune_args("sft", sft_model_dir, synthetic_dir, tmp_path / "sft2"), "zero2.json",
-            module="train.sft")
+    _launch(
+        "deepspeed",
+        _finetune_args("sft", sft_model_dir, synthetic_dir, tmp_path / "sft2"),
+        "zero2.json",
+        module="train.sft",
+    )
     _assert_same(_losses(tmp_path / "sft2"), _losses(tmp_path / "sft1"))
 
     dpo_main(_finetune_args("dpo", sft_model_dir, synthetic_dir, tmp_path / "dpo1") + ["--batch-size", "8"])
-    _launch("deepspeed", _finetune_args("dpo", sft_model_dir, synthetic_dir, tmp_path / "dpo2")
-            + ["--reference", "model"], "zero3.json", module="train.dpo")
+    _launch(
+        "deepspeed",
+        _finetune_args("dpo", sft_model_dir, synthetic_dir, tmp_path / "dpo2") + ["--reference", "model"],
+        "zero3.json",
+        module="train.dpo",
+    )
     _assert_same(_losses(tmp_path / "dpo2"), _losses(tmp_path / "dpo1"))
 
 
@@ -162,10 +217,32 @@ def test_vlm_alignment_and_sft_under_deepspeed_match_one_process(sft_model_dir, 
     init_vlm(str(sft_model_dir), str(tmp_path / "vlm0"), preset="micro")
 
     def args(kind, init, out, extra=()):
-        return ["--init", str(init), "--data", str(data[f"vlm_{kind}_train"]), "--eval-data",
-                str(data[f"vlm_{kind}_eval"]), "--out", str(out), "--seq-len", "96", "--max-steps", "3",
-                "--eval-every", "3", "--eval-batches", "2", "--warmup-steps", "1", "--lr", "3e-3", "--seed", "2",
-                "--no-progress", *extra]
+        return [
+            "--init",
+            str(init),
+            "--data",
+            str(data[f"vlm_{kind}_train"]),
+            "--eval-data",
+            str(data[f"vlm_{kind}_eval"]),
+            "--out",
+            str(out),
+            "--seq-len",
+            "96",
+            "--max-steps",
+            "3",
+            "--eval-every",
+            "3",
+            "--eval-batches",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--lr",
+            "3e-3",
+            "--seed",
+            "2",
+            "--no-progress",
+            *extra,
+        ]
 
     frozen = ("--train", "projector,vision")
     sft_main(args("caption", tmp_path / "vlm0", tmp_path / "a1", frozen) + ["--batch-size", "8"])
@@ -184,8 +261,19 @@ def test_vlm_alignment_and_sft_under_deepspeed_match_one_process(sft_model_dir, 
 def _resolve(raw, **over):
     from train.engine.ds_config import resolve_ds_config
 
-    kw = dict(path="cfg.json", micro_batch=4, grad_accum=2, world_size=2, grad_clip=1.0, lr=1e-3, betas=(0.9, 0.95),
-              eps=1e-8, weight_decay=0.1, bf16=False, hidden_size=64)
+    kw = dict(
+        path="cfg.json",
+        micro_batch=4,
+        grad_accum=2,
+        world_size=2,
+        grad_clip=1.0,
+        lr=1e-3,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.1,
+        bf16=False,
+        hidden_size=64,
+    )
     kw.update(over)
     return resolve_ds_config(raw, **kw)
 
@@ -194,20 +282,28 @@ def test_auto_values_are_filled_from_the_arguments():
     cfg = _resolve(json.loads((ROOT / "ds_configs" / "zero3.json").read_text()))
     assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 2
     assert cfg["train_batch_size"] == 16 and cfg["gradient_clipping"] == 1.0 and cfg["bf16"]["enabled"] is False
-    assert cfg["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
-                                          "torch_adam": True}
+    assert cfg["optimizer"]["params"] == {
+        "lr": 1e-3,
+        "betas": [0.9, 0.95],
+        "eps": 1e-8,
+        "weight_decay": 0.1,
+        "torch_adam": True,
+    }
     assert cfg["zero_optimization"]["reduce_bucket_size"] == 64 * 64
     assert cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 640
 
 
-@pytest.mark.parametrize("raw, needle", [
-    ({"gradient_accumulation_steps": 4}, '"gradient_accumulation_steps" is 4 but --grad-accum gives 2'),
-    ({"train_batch_size": 8}, '"train_batch_size" is 8 but --batch-size x --grad-accum x world size gives 16'),
-    ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, 'optimizer.params: "lr" is 0.1 but --lr gives 0.001'),
-    ({"scheduler": {"type": "WarmupLR"}}, '"scheduler" must not be set'),
-    ({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}, '"zero_optimization.sub_group_size" is "auto"'),
-    ({"fp16": {"enabled": True}}, "fp16 is not supported"),
-])
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        ({"gradient_accumulation_steps": 4}, '"gradient_accumulation_steps" is 4 but --grad-accum gives 2'),
+        ({"train_batch_size": 8}, '"train_batch_size" is 8 but --batch-size x --grad-accum x world size gives 16'),
+        ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, 'optimizer.params: "lr" is 0.1 but --lr gives 0.001'),
+        ({"scheduler": {"type": "WarmupLR"}}, '"scheduler" must not be set'),
+        ({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}, '"zero_optimization.sub_group_size" is "auto"'),
+        ({"fp16": {"enabled": True}}, "fp16 is not supported"),
+    ],
+)
 def test_contradicting_config_names_the_key(raw, needle):
     from train.errors import UserError
 
@@ -218,8 +314,10 @@ def test_contradicting_config_names_the_key(raw, needle):
 
 @pytest.mark.slow
 def test_plain_run_does_not_import_deepspeed(synthetic_dir, tokenizer_dir, tmp_path):
-    code = ("import sys; from train.pretrain import main; main(sys.argv[1:]); "
-            "assert 'deepspeed' not in sys.modules, 'deepspeed was imported'")
+    code = (
+        "import sys; from train.pretrain import main; main(sys.argv[1:]); "
+        "assert 'deepspeed' not in sys.modules, 'deepspeed was imported'"
+    )
     args = _common(synthetic_dir, tokenizer_dir, tmp_path / "run") + ["--max-steps", "1", "--batch-size", "2"]
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -10,13 +10,29 @@ from models.layers import build_attention_mask
 
 CONFIGS = {
     # odd sizes: hidden 96, 6 heads of 16, 2 KV heads, 3 layers, tied embeddings
-    "odd_tied": dict(vocab_size=301, hidden_size=96, intermediate_size=200, num_hidden_layers=3,
-                     num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
-                     max_position_embeddings=128, rope_theta=10000.0),
+    "odd_tied": dict(
+        vocab_size=301,
+        hidden_size=96,
+        intermediate_size=200,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+    ),
     # untied, multi-head KV (no grouping), larger theta
-    "untied_mha": dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
-                       max_position_embeddings=128, rope_theta=1e6),
+    "untied_mha": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        max_position_embeddings=128,
+        rope_theta=1e6,
+    ),
 }
 
 
@@ -79,9 +95,11 @@ def test_greedy_generation_matches_transformers(exported):
     ours = generate(model, prompts, 12)
     for p, new in zip(prompts, ours):
         with torch.no_grad():
-            out = hf.generate(torch.tensor([p]), generation_config=GenerationConfig(
-                max_new_tokens=12, do_sample=False, pad_token_id=0))
-        assert out[0, len(p):].tolist() == new
+            out = hf.generate(
+                torch.tensor([p]),
+                generation_config=GenerationConfig(max_new_tokens=12, do_sample=False, pad_token_id=0),
+            )
+        assert out[0, len(p) :].tolist() == new
 
 
 def test_import_round_trip_and_load_pretrained(exported):

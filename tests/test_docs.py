@@ -61,17 +61,23 @@ def test_ops_page_matches_the_references(ops_page):
     for layout in ("half", "interleaved"):
         _close(ops_page["apply_rope"](q, k, cos, sin, layout), kernels.apply_rope(q, k, cos, sin, layout, "torch"))
     qn, qr, kn, kr, v = r(2, 3, 6, 8), r(2, 3, 6, 4), r(2, 3, 6, 8), r(2, 1, 6, 4), r(2, 3, 6, 5)
-    _close(ops_page["mla_attention"](qn, qr, kn, kr, v, 0.3), kernels.mla_attention(qn, qr, kn, kr, v, 0.3,
-                                                                                     backend="torch"))
+    _close(
+        ops_page["mla_attention"](qn, qr, kn, kr, v, 0.3),
+        kernels.mla_attention(qn, qr, kn, kr, v, 0.3, backend="torch"),
+    )
     mask = torch.rand(2, 1, 6, 6, generator=g) > 0.3
     mask |= torch.eye(6, dtype=torch.bool)
-    _close(ops_page["mla_attention"](qn, qr, kn, kr, v, 0.3, mask),
-           kernels.mla_attention(qn, qr, kn, kr, v, 0.3, mask, backend="torch"))
+    _close(
+        ops_page["mla_attention"](qn, qr, kn, kr, v, 0.3, mask),
+        kernels.mla_attention(qn, qr, kn, kr, v, 0.3, mask, backend="torch"),
+    )
     ql, qr1, ckv, kr1 = r(2, 3, 1, 12), r(2, 3, 1, 4), r(2, 9, 12), r(2, 9, 4)
     _close(ops_page["mla_decode"](ql, qr1, ckv, kr1, 0.2), kernels.mla_decode(ql, qr1, ckv, kr1, 0.2, backend="torch"))
     ql, qr1 = r(2, 3, 4, 12), r(2, 3, 4, 4)  # four new tokens after five cached ones
-    _close(ops_page["mla_decode"](ql, qr1, ckv, kr1, 0.2),
-           kernels.mla_decode(ql, qr1, ckv, kr1, 0.2, torch.ones(4, 9, dtype=torch.bool).tril(5), backend="torch"))
+    _close(
+        ops_page["mla_decode"](ql, qr1, ckv, kr1, 0.2),
+        kernels.mla_decode(ql, qr1, ckv, kr1, 0.2, torch.ones(4, 9, dtype=torch.bool).tril(5), backend="torch"),
+    )
     x, wgu, wd = r(7, 10), r(5, 12, 10), r(5, 10, 6)
     idx = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(7)])
     weight = torch.rand(7, 2, generator=g)
@@ -144,10 +150,10 @@ def _parse(argv: list[str]):
         module, rest = argv[2], argv[3:]
     elif prog == "deepspeed" and "--module" in argv:
         i = argv.index("--module")
-        module, rest = argv[i + 1], argv[i + 2:]
+        module, rest = argv[i + 1], argv[i + 2 :]
     elif prog == "torchrun" and "-m" in argv:
         i = argv.index("-m")
-        module, rest = argv[i + 1], argv[i + 2:]
+        module, rest = argv[i + 1], argv[i + 2 :]
     if module is None or not module.startswith("train."):
         return None
     import importlib

@@ -52,9 +52,28 @@ def test_sequence_logps_by_hand():
 def _dpo(init, synthetic_dir, out, *extra):
     from train.dpo import main as dpo_main
 
-    return dpo_main(["--init", str(init), "--data", str(synthetic_dir / "dpo_train.jsonl"),
-                     "--eval-data", str(synthetic_dir / "dpo_eval.jsonl"), "--out", str(out), "--seq-len", "256",
-                     "--batch-size", "4", "--eval-batches", "2", "--no-progress", "--seed", "3", *extra])
+    return dpo_main(
+        [
+            "--init",
+            str(init),
+            "--data",
+            str(synthetic_dir / "dpo_train.jsonl"),
+            "--eval-data",
+            str(synthetic_dir / "dpo_eval.jsonl"),
+            "--out",
+            str(out),
+            "--seq-len",
+            "256",
+            "--batch-size",
+            "4",
+            "--eval-batches",
+            "2",
+            "--no-progress",
+            "--seed",
+            "3",
+            *extra,
+        ]
+    )
 
 
 def test_both_reference_paths_give_the_same_losses(sft_model_dir, synthetic_dir, tmp_path):

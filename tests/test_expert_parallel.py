@@ -28,8 +28,19 @@ def _free_port() -> int:
 def _model() -> MoELM:
     torch.manual_seed(0)
     # 6 experts over 2 ranks, top-3, two groups: tokens cross ranks in both directions
-    return MoELM(make_config("moe", "micro", vocab_size=97, n_routed_experts=6, num_experts_per_tok=3, n_group=2,
-                             topk_group=2, initializer_range=0.1, num_hidden_layers=3))
+    return MoELM(
+        make_config(
+            "moe",
+            "micro",
+            vocab_size=97,
+            n_routed_experts=6,
+            num_experts_per_tok=3,
+            n_group=2,
+            topk_group=2,
+            initializer_range=0.1,
+            num_hidden_layers=3,
+        )
+    )
 
 
 def _batch():
@@ -39,8 +50,9 @@ def _batch():
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     ids, targets = _batch()
     # the reference: one process, every expert, the whole global batch
@@ -66,7 +78,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
         expected = ref_grads[name]
         if name in engine.expert_params:
             n = p.shape[0]
-            expected = expected[rank * n:(rank + 1) * n]
+            expected = expected[rank * n : (rank + 1) * n]
         result["grads"][name] = (p.grad - expected).abs().max().item()
     result["local_experts"] = model.moe_blocks()[0].experts.gate_up_proj.shape[0]
     full = engine.full_state_dict()
@@ -88,12 +100,42 @@ def test_expert_parallel_matches_one_process(tmp_path):
 
 
 def _ep_pretrain_cmd(out, synthetic_dir, tokenizer_dir) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "train.pretrain", "--data", str(synthetic_dir / "pretrain_train.jsonl"),
-           "--tokenizer", str(tokenizer_dir),
-           "--out", str(out), "--model", "moe", "--preset", "micro", "--expert-parallel-size", "2",
-           "--max-steps", "6", "--batch-size", "4", "--seq-len", "64", "--eval-every", "3",
-           "--save-every", "3", "--warmup-steps", "2", "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "train.pretrain",
+        "--data",
+        str(synthetic_dir / "pretrain_train.jsonl"),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--out",
+        str(out),
+        "--model",
+        "moe",
+        "--preset",
+        "micro",
+        "--expert-parallel-size",
+        "2",
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--eval-every",
+        "3",
+        "--save-every",
+        "3",
+        "--warmup-steps",
+        "2",
+        "--no-progress",
+    ]
 
 
 @pytest.mark.slow
@@ -105,8 +147,14 @@ def test_torchrun_trains_moe_with_expert_parallelism(tmp_path, synthetic_dir, to
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd + ["--stop-after", "3"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
-    subprocess.run(_ep_pretrain_cmd(straight, synthetic_dir, tokenizer_dir), cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        _ep_pretrain_cmd(straight, synthetic_dir, tokenizer_dir),
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     model = load_pretrained(out)  # the gathered checkpoint holds every expert
     reference = load_pretrained(straight)
     for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):

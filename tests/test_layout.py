@@ -103,6 +103,10 @@ def test_the_cycle_finder_finds_one():
 
 
 def test_imports_point_one_way():
-    wrong = [(name, target) for name, targets in _graph().items() for target in targets
-             if target.split(".")[0] not in ALLOWED[name.split(".")[0]]]
+    wrong = [
+        (name, target)
+        for name, targets in _graph().items()
+        for target in targets
+        if target.split(".")[0] not in ALLOWED[name.split(".")[0]]
+    ]
     assert wrong == []

@@ -13,16 +13,47 @@ from models.moe import DeepSeekMoE, MoEGate
 
 CONFIGS = {
     # plain q_proj, one group, a prime number of experts, top-3
-    "q_plain_g1": dict(vocab_size=211, q_lora_rank=None, n_group=1, topk_group=1, n_routed_experts=7,
-                       num_experts_per_tok=3, first_k_dense_replace=1, num_hidden_layers=3),
+    "q_plain_g1": dict(
+        vocab_size=211,
+        q_lora_rank=None,
+        n_group=1,
+        topk_group=1,
+        n_routed_experts=7,
+        num_experts_per_tok=3,
+        first_k_dense_replace=1,
+        num_hidden_layers=3,
+    ),
     # q compression, 4 groups of which 2 compete, scaling 2.5, no first dense layer, MTP, tied
-    "q_lora_g4": dict(vocab_size=160, q_lora_rank=40, n_group=4, topk_group=2, n_routed_experts=12,
-                      num_experts_per_tok=3, routed_scaling_factor=2.5, first_k_dense_replace=0,
-                      n_shared_experts=2, num_mtp_layers=1, tie_word_embeddings=True),
+    "q_lora_g4": dict(
+        vocab_size=160,
+        q_lora_rank=40,
+        n_group=4,
+        topk_group=2,
+        n_routed_experts=12,
+        num_experts_per_tok=3,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=0,
+        n_shared_experts=2,
+        num_mtp_layers=1,
+        tie_word_embeddings=True,
+    ),
     # YaRN rope scaling (softmax mscale correction), no top-k normalisation
-    "yarn": dict(vocab_size=128, q_lora_rank=32, n_group=2, topk_group=1, norm_topk_prob=False,
-                 rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
-                               "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}),
+    "yarn": dict(
+        vocab_size=128,
+        q_lora_rank=32,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=False,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },
+    ),
 }
 
 
@@ -89,11 +120,28 @@ def test_mtp_layer_n_round_trips_when_the_checkpoint_carries_it(exported):
 
 # Written by transformers itself: DeepseekV3Config's default num_nextn_predict_layers is 1, but its model has
 # no MTP module and writes no MTP weights. Odd sizes, three expert groups of which two compete.
-HF_WRITTEN = dict(vocab_size=1031, hidden_size=72, intermediate_size=100, moe_intermediate_size=24,
-                  num_hidden_layers=3, num_attention_heads=3, num_key_value_heads=3, q_lora_rank=40,
-                  kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, n_routed_experts=12,
-                  n_group=3, topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1, n_shared_experts=1,
-                  routed_scaling_factor=1.5, max_position_embeddings=128)
+HF_WRITTEN = dict(
+    vocab_size=1031,
+    hidden_size=72,
+    intermediate_size=100,
+    moe_intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=3,
+    num_key_value_heads=3,
+    q_lora_rank=40,
+    kv_lora_rank=24,
+    qk_nope_head_dim=12,
+    qk_rope_head_dim=8,
+    v_head_dim=10,
+    n_routed_experts=12,
+    n_group=3,
+    topk_group=2,
+    num_experts_per_tok=3,
+    first_k_dense_replace=1,
+    n_shared_experts=1,
+    routed_scaling_factor=1.5,
+    max_position_embeddings=128,
+)
 
 
 @pytest.fixture(scope="module")
@@ -130,16 +178,31 @@ def test_a_deepseek_v3_directory_written_by_transformers_loads_without_mtp(trans
         assert (model(ids).logits - hf(ids).logits).abs().max().item() < 1e-5
 
 
-def test_transformers_written_deepseek_goes_through_export_and_sft_init(transformers_written, synthetic_dir,
-                                                                      tmp_path):
+def test_transformers_written_deepseek_goes_through_export_and_sft_init(transformers_written, synthetic_dir, tmp_path):
     from train.sft import main as sft_main
 
     _, d = transformers_written
     out = export_hf(d, tmp_path / "again")
     assert load_pretrained(out).mtp is None
-    summary = sft_main(["--init", str(d), "--data", str(synthetic_dir / "sft_train.jsonl"), "--out",
-                        str(tmp_path / "sft"), "--seq-len", "64", "--batch-size", "2", "--max-steps", "1",
-                        "--eval-every", "0", "--no-progress"])
+    summary = sft_main(
+        [
+            "--init",
+            str(d),
+            "--data",
+            str(synthetic_dir / "sft_train.jsonl"),
+            "--out",
+            str(tmp_path / "sft"),
+            "--seq-len",
+            "64",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "1",
+            "--eval-every",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert summary["end_step"] == 1
 
 
@@ -160,7 +223,7 @@ def test_absorbed_latent_cache_decoding_matches_full_attention(name):
         full = model(ids).logits
         cache = model.make_kv_cache(2, 32)
         steps = [model(ids[:, :10], kv_cache=cache).logits]
-        steps += [model(ids[:, t:t + 1], kv_cache=cache).logits for t in range(10, 23)]
+        steps += [model(ids[:, t : t + 1], kv_cache=cache).logits for t in range(10, 23)]
     assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-4
     c = model.config
     assert cache.c_kv[0].shape == (2, 32, c.kv_lora_rank) and cache.k_rope[0].shape == (2, 32, c.qk_rope_head_dim)
@@ -175,11 +238,14 @@ def _gate(**overrides) -> MoEGate:
     return gate
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(n_routed_experts=7, num_experts_per_tok=1),
-    dict(n_routed_experts=12, n_group=4, topk_group=2, num_experts_per_tok=4, routed_scaling_factor=2.5),
-    dict(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=2, norm_topk_prob=False),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(n_routed_experts=7, num_experts_per_tok=1),
+        dict(n_routed_experts=12, n_group=4, topk_group=2, num_experts_per_tok=4, routed_scaling_factor=2.5),
+        dict(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=2, norm_topk_prob=False),
+    ],
+)
 def test_routing_invariants(overrides):
     gate = _gate(**overrides)
     c = make_config("moe", "micro", **overrides)

@@ -7,10 +7,15 @@ from train.data.chat_masks import encode_with_mask
 from train.data.finetune import PackedSFTDataset, SFTDataset, build_sft_examples, pad_collate
 from train.data.records import Conversation
 
-THINK = [{"role": "user", "content": "What is 2 + 3?"},
-         {"role": "assistant", "content": "<think>\nAdd the ones.\n</think>\n\n2 + 3 = 5"}]
-NO_THINK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-            {"role": "assistant", "content": "<think>\n\n</think>\n\nHello!"}]
+THINK = [
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "<think>\nAdd the ones.\n</think>\n\n2 + 3 = 5"},
+]
+NO_THINK = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "<think>\n\n</think>\n\nHello!"},
+]
 
 
 def _split(tokenizer, conv):
@@ -49,14 +54,18 @@ def test_mask_boundary_with_thinking(tokenizer):
 def test_mask_boundary_without_thinking_and_system(tokenizer):
     ids, mask = _split(tokenizer, NO_THINK)
     assert _decode_runs(tokenizer, ids, mask) == [
-        (False, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
-                "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+        (
+            False,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+            "<|im_start|>assistant\n<think>\n\n</think>\n\n",
+        ),
         (True, "Hello!<|im_end|>"),
         (False, "\n"),
     ]
     # the empty think block is the prompt that `--no-think` pre-fills: generation continues from there
-    prefilled = tokenizer.apply_chat_template(NO_THINK[:-1], tokenize=False, add_generation_prompt=True,
-                                              enable_thinking=False)
+    prefilled = tokenizer.apply_chat_template(
+        NO_THINK[:-1], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
     untrained_prefix = _decode_runs(tokenizer, ids, mask)[0][1]
     assert untrained_prefix == prefilled
 
@@ -94,10 +103,10 @@ def test_packing_keeps_conversations_apart(tokenizer):
     assert len(ds) == 1
     row = ds[0]
     seg, pos, tgt = row["segment_ids"], row["position_ids"], row["targets"]
-    assert seg[:n0].eq(0).all() and seg[n0 : n0 + n1].eq(1).all() and seg[n0 + n1:].eq(2).all()
+    assert seg[:n0].eq(0).all() and seg[n0 : n0 + n1].eq(1).all() and seg[n0 + n1 :].eq(2).all()
     assert pos[n0].item() == 0 and pos[n0 + n1 - 1].item() == n1 - 1
     assert tgt[n0 - 1].item() == IGNORE_INDEX  # conversation 0's last token does not predict conversation 1
-    assert tgt[n0 + n1 - 1:].eq(IGNORE_INDEX).all()  # nor does anything predict padding
+    assert tgt[n0 + n1 - 1 :].eq(IGNORE_INDEX).all()  # nor does anything predict padding
     single = SFTDataset(examples)
     assert torch.equal(tgt[: n0 - 1], single[0]["targets"])
     assert torch.equal(tgt[n0 : n0 + n1 - 1], single[1]["targets"])

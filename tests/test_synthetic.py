@@ -57,13 +57,19 @@ def test_reasoning_shows_carries_and_borrows():
     _, r, _, v = synthetic.arithmetic_problem(1203, 587, "-")
     assert v == 616 and "ones: 3 and 7: 3 < 7, borrow: 13 - 7 = 6" in r
     assert "tens: 0 and 8: 0 - 1 = -1, -1 < 8, borrow: 9 - 8 = 1" in r
-    assert r.startswith("Digits of 1203: thousands 1, hundreds 2, tens 0, ones 3.\n"
-                        "Digits of 587: thousands 0, hundreds 5, tens 8, ones 7.\n"
-                        "Compare 1203 and 587: thousands 1 > 0, so 1203 is larger.\n")
+    assert r.startswith(
+        "Digits of 1203: thousands 1, hundreds 2, tens 0, ones 3.\n"
+        "Digits of 587: thousands 0, hundreds 5, tens 8, ones 7.\n"
+        "Compare 1203 and 587: thousands 1 > 0, so 1203 is larger.\n"
+    )
     _, r, _, v = synthetic.arithmetic_problem(481, 487, "-")
     assert r.endswith("From the highest place: hundreds 0, tens 0, ones 6.\nSo the result is -6.")
-    assert v == -6 and "Compare 481 and 487: hundreds 4 = 4, tens 8 = 8, ones 1 < 7, so 487 is larger.\n" \
-        "481 is smaller, so the result is negative." in r
+    assert (
+        v == -6
+        and "Compare 481 and 487: hundreds 4 = 4, tens 8 = 8, ones 1 < 7, so 487 is larger.\n"
+        "481 is smaller, so the result is negative."
+        in r
+    )
 
 
 @pytest.mark.parametrize("a,b", [(5, 5), (0, 7), (120, 102), (999, 1000), (4567, 4576)])

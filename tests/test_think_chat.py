@@ -8,8 +8,11 @@ import torch
 from models.think import ThinkParser, split_reasoning
 
 CASES = [
-    ("<think>\nones: 7 + 6 = 13\nSo 933.\n</think>\n\n347 + 586 = 933", False,
-     ("ones: 7 + 6 = 13\nSo 933.", "347 + 586 = 933")),
+    (
+        "<think>\nones: 7 + 6 = 13\nSo 933.\n</think>\n\n347 + 586 = 933",
+        False,
+        ("ones: 7 + 6 = 13\nSo 933.", "347 + 586 = 933"),
+    ),
     ("<think>\n\n</think>\n\nhello there", False, ("", "hello there")),
     ("just an answer", False, ("", "just an answer")),
     ("<think>\nunfinished thought  ", False, ("unfinished thought", "")),  # no closing tag
@@ -109,7 +112,7 @@ def test_sampled_generation_with_penalty_matches_transformers_greedy(tmp_path, t
     prompt = [5, 9, 12, 40, 41]
     ours = generate(model, [prompt], 15, repetition_penalty=1.5)[0]
     cfg = GenerationConfig(max_new_tokens=15, do_sample=False, repetition_penalty=1.5, pad_token_id=0)
-    theirs = hf.generate(torch.tensor([prompt]), generation_config=cfg)[0, len(prompt):].tolist()
+    theirs = hf.generate(torch.tensor([prompt]), generation_config=cfg)[0, len(prompt) :].tolist()
     assert ours == theirs
     streamed = []
     generate(model, [prompt], 15, repetition_penalty=1.5, on_token=lambda i, t: streamed.append(t))

@@ -28,9 +28,21 @@ def test_round_trip_exact(tokenizer, text):
 def test_round_trip_random_unicode(tokenizer):
     rng = random.Random(0)
     for _ in range(200):
-        text = "".join(chr(rng.choice([rng.randint(0x20, 0x7E), rng.randint(0xA0, 0x2FFF),
-                                       rng.randint(0x1F300, 0x1FAFF), 0x0A, 0x09, 0x20]))
-                       for _ in range(rng.randint(1, 40)))
+        text = "".join(
+            chr(
+                rng.choice(
+                    [
+                        rng.randint(0x20, 0x7E),
+                        rng.randint(0xA0, 0x2FFF),
+                        rng.randint(0x1F300, 0x1FAFF),
+                        0x0A,
+                        0x09,
+                        0x20,
+                    ]
+                )
+            )
+            for _ in range(rng.randint(1, 40))
+        )
         assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
 
 
@@ -57,8 +69,10 @@ CONV = [
 def test_chat_template_thinking_switch(tokenizer):
     on = tokenizer.apply_chat_template(CONV, tokenize=False, add_generation_prompt=True)
     off = tokenizer.apply_chat_template(CONV, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-    head = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n"
-            "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3 + 3?<|im_end|>\n<|im_start|>assistant\n")
+    head = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n"
+        "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert on == head  # thinking on: the model writes its own <think> block
     assert off == head + "<think>\n\n</think>\n\n"
 
@@ -77,8 +91,9 @@ def test_no_think_training_sample_matches_the_no_think_prompt(tokenizer):
     """An SFT sample with empty reasoning renders exactly what inference with thinking off pre-fills."""
     msgs = [{"role": "user", "content": "hi"}]
     prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-    full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": "<think>\n\n</think>\n\nhello"}],
-                                         tokenize=False)
+    full = tokenizer.apply_chat_template(
+        msgs + [{"role": "assistant", "content": "<think>\n\n</think>\n\nhello"}], tokenize=False
+    )
     assert full == prompt + "hello<|im_end|>\n"
 
 

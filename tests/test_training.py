@@ -10,16 +10,49 @@ from train.pretrain import main as pretrain_main
 
 
 def _args(synthetic_dir, tokenizer_dir, out, *extra):
-    return ["--data", str(synthetic_dir / "pretrain_train.jsonl"),
-            "--eval-data", str(synthetic_dir / "pretrain_eval.jsonl"),
-            "--tokenizer", str(tokenizer_dir), "--out", str(out), "--preset", "micro",
-            "--seq-len", "64", "--batch-size", "8", "--no-progress", "--seed", "1", *extra]
+    return [
+        "--data",
+        str(synthetic_dir / "pretrain_train.jsonl"),
+        "--eval-data",
+        str(synthetic_dir / "pretrain_eval.jsonl"),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--out",
+        str(out),
+        "--preset",
+        "micro",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "8",
+        "--no-progress",
+        "--seed",
+        "1",
+        *extra,
+    ]
 
 
 def test_held_out_loss_falls(synthetic_dir, tokenizer_dir, tmp_path):
     # 80 steps of 16 rows x 64 tokens on the 0.15M-parameter micro model, lr 1e-2, 8 warmup steps.
-    s = pretrain_main(_args(synthetic_dir, tokenizer_dir, tmp_path / "run", "--max-steps", "80", "--batch-size", "16",
-                            "--eval-every", "40", "--eval-batches", "4", "--warmup-steps", "8", "--lr", "1e-2"))
+    s = pretrain_main(
+        _args(
+            synthetic_dir,
+            tokenizer_dir,
+            tmp_path / "run",
+            "--max-steps",
+            "80",
+            "--batch-size",
+            "16",
+            "--eval-every",
+            "40",
+            "--eval-batches",
+            "4",
+            "--warmup-steps",
+            "8",
+            "--lr",
+            "1e-2",
+        )
+    )
     before, after = s["eval_before"]["eval_loss"], s["eval_after"]["eval_loss"]
     # measured here: 6.7 -> 1.4 nats (an untrained model is near ln(vocab) ~ 6.6)
     assert before > 6.0
@@ -32,8 +65,20 @@ def test_held_out_loss_falls(synthetic_dir, tokenizer_dir, tmp_path):
 
 
 def test_resume_is_exact(synthetic_dir, tokenizer_dir, tmp_path):
-    common = ("--max-steps", "8", "--eval-every", "4", "--eval-batches", "2", "--warmup-steps", "2",
-              "--save-every", "100", "--grad-accum", "2")
+    common = (
+        "--max-steps",
+        "8",
+        "--eval-every",
+        "4",
+        "--eval-batches",
+        "2",
+        "--warmup-steps",
+        "2",
+        "--save-every",
+        "100",
+        "--grad-accum",
+        "2",
+    )
     pretrain_main(_args(synthetic_dir, tokenizer_dir, tmp_path / "straight", *common))
     pretrain_main(_args(synthetic_dir, tokenizer_dir, tmp_path / "split", *common, "--stop-after", "4"))
     assert (tmp_path / "split" / "latest").read_text().strip() == "step_0000004"
@@ -80,8 +125,9 @@ def test_vocab_mismatch_and_context_errors(synthetic_dir, tokenizer_dir, tmp_pat
     small = make_config("dense", "micro", vocab_size=100)
     save_config(small, tmp_path / "small.json")
     with pytest.raises(UserError, match="the tokenizer has \\d+ tokens but the model's vocab_size is 100"):
-        pretrain_main(_args(synthetic_dir, tokenizer_dir, tmp_path / "a",
-                            "--model-config", str(tmp_path / "small.json")))
+        pretrain_main(
+            _args(synthetic_dir, tokenizer_dir, tmp_path / "a", "--model-config", str(tmp_path / "small.json"))
+        )
     with pytest.raises(UserError, match="--seq-len 512 is longer than the model's context"):
         pretrain_main(_args(synthetic_dir, tokenizer_dir, tmp_path / "b", "--seq-len", "512"))
 
@@ -104,5 +150,8 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(names[id(p)].endswith("proj.weight") for p in decay["params"])
-    assert {names[id(p)] for p in no_decay["params"]} >= {"model.embed_tokens.weight", "model.norm.weight",
-                                                           "model.layers.0.self_attn.q_proj.bias"}
+    assert {names[id(p)] for p in no_decay["params"]} >= {
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "model.layers.0.self_attn.q_proj.bias",
+    }

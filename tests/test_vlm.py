@@ -96,8 +96,12 @@ def test_image_preprocessing_and_its_errors(tmp_path):
     Image.new("CMYK", (8, 8)).save(tmp_path / "print.jpg")
     (tmp_path / "text.png").write_text("not an image")
     Image.new("RGB", (2, 2)).save(tmp_path / "tiny.png")
-    for name, needle in (("print.jpg", "mode 'CMYK'"), ("text.png", "cannot read"), ("tiny.png", "smaller"),
-                         ("missing.png", "not found")):
+    for name, needle in (
+        ("print.jpg", "mode 'CMYK'"),
+        ("text.png", "cannot read"),
+        ("tiny.png", "smaller"),
+        ("missing.png", "not found"),
+    ):
         with pytest.raises(UserError, match=needle) as e:
             load_image(tmp_path / name, 32)
         assert name in str(e.value)
@@ -153,11 +157,40 @@ def test_chat_answers_about_an_image(tmp_path, tokenizer_dir, tokenizer):
     copy_tokenizer_files(tokenizer_dir, tmp_path / "vlm")
     paths = generate_images(tmp_path / "img", train=1, held_out=1)
     image = next((tmp_path / "img" / "images").glob("*.png"))
-    r = subprocess.run([str(BIN / "llm-scratch"), "chat", "--checkpoint", str(tmp_path / "vlm"), "--image", str(image),
-                        "--prompt", "What color is the shape?", "--temperature", "0", "--max-new-tokens", "5"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            str(BIN / "llm-scratch"),
+            "chat",
+            "--checkpoint",
+            str(tmp_path / "vlm"),
+            "--image",
+            str(image),
+            "--prompt",
+            "What color is the shape?",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert paths
-    r = subprocess.run([str(BIN / "llm-scratch"), "chat", "--checkpoint", str(tmp_path / "vlm"), "--image",
-                        str(tmp_path / "missing.png"), "--prompt", "hi"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            str(BIN / "llm-scratch"),
+            "chat",
+            "--checkpoint",
+            str(tmp_path / "vlm"),
+            "--image",
+            str(tmp_path / "missing.png"),
+            "--prompt",
+            "hi",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "missing.png: image file not found" in r.stderr

@@ -40,31 +40,57 @@ def add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_s
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_kernels_arg(g)
     g = p.add_argument_group("distributed")
-    g.add_argument("--deepspeed", metavar="CONFIG.json",
-                   help="train through DeepSpeed with this config (ds_configs/zero{1,2,3}.json, *_offload.json)")
-    g.add_argument("--expert-parallel-size", type=int, default=1, metavar="P",
-                   help="MoE: split the routed experts over groups of P ranks (all-to-all token dispatch)")
+    g.add_argument(
+        "--deepspeed",
+        metavar="CONFIG.json",
+        help="train through DeepSpeed with this config (ds_configs/zero{1,2,3}.json, *_offload.json)",
+    )
+    g.add_argument(
+        "--expert-parallel-size",
+        type=int,
+        default=1,
+        metavar="P",
+        help="MoE: split the routed experts over groups of P ranks (all-to-all token dispatch)",
+    )
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from launchers
 
 
 def add_kernels_arg(p) -> None:
-    p.add_argument("--kernels", choices=kernels.BACKENDS,
-                   help="kernel backend for this run: auto (Triton on CUDA), triton, torch; default: "
-                        f"${kernels.ENV_VAR} or auto")
+    p.add_argument(
+        "--kernels",
+        choices=kernels.BACKENDS,
+        help=f"kernel backend for this run: auto (Triton on CUDA), triton, torch; default: ${kernels.ENV_VAR} or auto",
+    )
 
 
 def train_args_from(ns: argparse.Namespace) -> tuple[TrainArgs, OptimConfig]:
     targs = TrainArgs(
-        out=ns.out, max_steps=ns.max_steps, stop_after=ns.stop_after, batch_size=ns.batch_size,
-        grad_accum=ns.grad_accum, seed=ns.seed, eval_every=ns.eval_every, eval_batches=ns.eval_batches,
-        save_every=ns.save_every, keep_checkpoints=ns.keep_checkpoints, device=ns.device,
-        progress=not ns.no_progress, resume=ns.resume, deepspeed=ns.deepspeed,
-        expert_parallel_size=ns.expert_parallel_size, kernels=ns.kernels,
+        out=ns.out,
+        max_steps=ns.max_steps,
+        stop_after=ns.stop_after,
+        batch_size=ns.batch_size,
+        grad_accum=ns.grad_accum,
+        seed=ns.seed,
+        eval_every=ns.eval_every,
+        eval_batches=ns.eval_batches,
+        save_every=ns.save_every,
+        keep_checkpoints=ns.keep_checkpoints,
+        device=ns.device,
+        progress=not ns.no_progress,
+        resume=ns.resume,
+        deepspeed=ns.deepspeed,
+        expert_parallel_size=ns.expert_parallel_size,
+        kernels=ns.kernels,
     )
-    optim = OptimConfig(lr=ns.lr, min_lr_ratio=ns.min_lr_ratio, warmup_steps=ns.warmup_steps,
-                        max_steps=ns.max_steps, weight_decay=ns.weight_decay, grad_clip=ns.grad_clip)
+    optim = OptimConfig(
+        lr=ns.lr,
+        min_lr_ratio=ns.min_lr_ratio,
+        warmup_steps=ns.warmup_steps,
+        max_steps=ns.max_steps,
+        weight_decay=ns.weight_decay,
+        grad_clip=ns.grad_clip,
+    )
     for name in ("batch_size", "grad_accum", "eval_batches", "save_every", "expert_parallel_size"):
         if getattr(ns, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     return targs, optim
-

@@ -1,8 +1,8 @@
 """`llm-scratch chat`: talk to a model, with its reasoning shown apart from its answer.
 
-    llm-scratch chat --checkpoint DIR                    interactive, history kept (/reset, /exit)
-    llm-scratch chat --checkpoint DIR --prompt "What is 12 + 30?" --temperature 0
-    llm-scratch chat --checkpoint DIR --no-think ...     the template's empty think block: answer directly
+llm-scratch chat --checkpoint DIR                    interactive, history kept (/reset, /exit)
+llm-scratch chat --checkpoint DIR --prompt "What is 12 + 30?" --temperature 0
+llm-scratch chat --checkpoint DIR --no-think ...     the template's empty think block: answer directly
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class TextStream:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return ""
-        new, self.text = text[len(self.text):], text
+        new, self.text = text[len(self.text) :], text
         return new
 
 
@@ -69,8 +69,7 @@ class ChatSession:
     """A conversation with a model. With `image` (a VLM) the first user turn of the conversation (again
     after /reset) shows the image: its text gets the <|image|> placeholder in front."""
 
-    def __init__(self, checkpoint, think: bool = True, system: str | None = None, image: str | None = None,
-                 **sampling):
+    def __init__(self, checkpoint, think: bool = True, system: str | None = None, image: str | None = None, **sampling):
         self.model = load_pretrained(checkpoint).eval()
         self.image_tokens, loader = image_inputs(self.model)
         if image is not None and loader is None:
@@ -104,8 +103,16 @@ class ChatSession:
                 if display:
                     display.piece(kind, text)
 
-        generate(self.model, [ids], stop_ids=self.stop, pad_id=self.pad, on_token=on_token,
-                 generator=torch.Generator().manual_seed(self.seed), pixel_values=self.pixel_values, **self.sampling)
+        generate(
+            self.model,
+            [ids],
+            stop_ids=self.stop,
+            pad_id=self.pad,
+            on_token=on_token,
+            generator=torch.Generator().manual_seed(self.seed),
+            pixel_values=self.pixel_values,
+            **self.sampling,
+        )
         for kind, text in parser.finish():
             if display:
                 display.piece(kind, text)
@@ -119,10 +126,18 @@ class ChatSession:
 
 
 def run_chat(ns) -> None:
-    session = ChatSession(ns.checkpoint, think=ns.think, system=ns.system, image=ns.image,
-                          max_new_tokens=ns.max_new_tokens,
-                          temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
-                          repetition_penalty=ns.repetition_penalty, seed=ns.seed)
+    session = ChatSession(
+        ns.checkpoint,
+        think=ns.think,
+        system=ns.system,
+        image=ns.image,
+        max_new_tokens=ns.max_new_tokens,
+        temperature=ns.temperature,
+        top_k=ns.top_k,
+        top_p=ns.top_p,
+        repetition_penalty=ns.repetition_penalty,
+        seed=ns.seed,
+    )
     display = Display()
     if ns.prompt is not None:
         session.reply(ns.prompt, display)

@@ -1,17 +1,17 @@
 """`llm-scratch`: one command for every stage.
 
-    llm-scratch data --out DIR                  write the embedded synthetic data sets
-    llm-scratch tokenizer --data F... --vocab-size N --out DIR
-    llm-scratch pretrain --data F... --tokenizer DIR --out DIR [--preset tiny]
-    llm-scratch sft --init DIR --data F... --out DIR
-    llm-scratch dpo --init DIR --data F... --out DIR
-    llm-scratch vlm-init --llm DIR --out DIR    a VLM from a dense model and a fresh vision tower
-    llm-scratch chat --checkpoint DIR [--think|--no-think] [--prompt TEXT]
-    llm-scratch eval --checkpoint DIR --data EVAL.jsonl
-    llm-scratch export --checkpoint DIR --out HF_DIR
-    llm-scratch sample --checkpoint DIR --prompt TEXT
-    llm-scratch demo [--out DIR]                the whole pipeline on CPU
-    llm-scratch verify                          every stage for a few steps: losses finite and falling
+llm-scratch data --out DIR                  write the embedded synthetic data sets
+llm-scratch tokenizer --data F... --vocab-size N --out DIR
+llm-scratch pretrain --data F... --tokenizer DIR --out DIR [--preset tiny]
+llm-scratch sft --init DIR --data F... --out DIR
+llm-scratch dpo --init DIR --data F... --out DIR
+llm-scratch vlm-init --llm DIR --out DIR    a VLM from a dense model and a fresh vision tower
+llm-scratch chat --checkpoint DIR [--think|--no-think] [--prompt TEXT]
+llm-scratch eval --checkpoint DIR --data EVAL.jsonl
+llm-scratch export --checkpoint DIR --out HF_DIR
+llm-scratch sample --checkpoint DIR --prompt TEXT
+llm-scratch demo [--out DIR]                the whole pipeline on CPU
+llm-scratch verify                          every stage for a few steps: losses finite and falling
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def cmd_data(ns) -> None:
     if ns.images:
         from .data.synthetic_images import generate_images
 
-        paths.update(generate_images(ns.out, seed=ns.seed, train=ns.images, held_out=max(1, ns.images // 10),
-                                     size=ns.image_size))
+        paths.update(
+            generate_images(ns.out, seed=ns.seed, train=ns.images, held_out=max(1, ns.images // 10), size=ns.image_size)
+        )
     for name, p in paths.items():
         print(f"{name:15s} {p}")
 
@@ -45,8 +46,10 @@ def cmd_tokenizer(ns) -> None:
     from .data.tokenizer import train_tokenizer
 
     stats = train_tokenizer(ns.data, ns.vocab_size, ns.out, quiet=ns.quiet)
-    print(f"tokenizer: {stats['vocab_size']} tokens from {stats['bytes'] / 1e6:.1f} MB in "
-          f"{stats['seconds']:.1f} s -> {ns.out}")
+    print(
+        f"tokenizer: {stats['vocab_size']} tokens from {stats['bytes'] / 1e6:.1f} MB in "
+        f"{stats['seconds']:.1f} s -> {ns.out}"
+    )
 
 
 def cmd_stage(ns) -> None:
@@ -92,8 +95,17 @@ def cmd_export(ns) -> None:
 def cmd_sample(ns) -> None:
     from .sample import sample_text
 
-    print(sample_text(ns.checkpoint, ns.prompt, max_new_tokens=ns.max_new_tokens,
-                      temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed))
+    print(
+        sample_text(
+            ns.checkpoint,
+            ns.prompt,
+            max_new_tokens=ns.max_new_tokens,
+            temperature=ns.temperature,
+            top_k=ns.top_k,
+            top_p=ns.top_p,
+            seed=ns.seed,
+        )
+    )
 
 
 def cmd_demo(ns) -> None:
@@ -103,8 +115,9 @@ def cmd_demo(ns) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llm-scratch", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="llm-scratch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("data", help="write the embedded synthetic data (pretrain/SFT/DPO, train+eval)")

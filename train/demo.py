@@ -92,8 +92,19 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
         cfg["pretrain_steps"] = steps
     total = 9
     print(f"llm-from-scratch demo -> {out.resolve()}")
-    for sub in ("pretrain", "moe", "sft", "dpo", "hf", "moe_hf", "vlm_init", "vlm_align", "vlm_sft", "vlm_dpo",
-                "vlm_hf"):  # a previous demo's runs: start them again
+    for sub in (
+        "pretrain",
+        "moe",
+        "sft",
+        "dpo",
+        "hf",
+        "moe_hf",
+        "vlm_init",
+        "vlm_align",
+        "vlm_sft",
+        "vlm_dpo",
+        "vlm_hf",
+    ):  # a previous demo's runs: start them again
         shutil.rmtree(out / sub, ignore_errors=True)
 
     _say(1, total, "synthesizing the embedded data (stories, arithmetic with reasoning, DPO pairs; held-out splits)")
@@ -104,8 +115,10 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     _say(2, total, "training the byte-level BPE tokenizer")
     tok_dir = out / "tokenizer"
     stats = train_tokenizer([paths["pretrain_train"], paths["sft_train"]], 4096, tok_dir, quiet=True)
-    print(f"  {stats['vocab_size']} tokens learned from {stats['bytes'] / 1e6:.1f} MB in {stats['seconds']:.1f} s "
-          f"-> {tok_dir}")
+    print(
+        f"  {stats['vocab_size']} tokens learned from {stats['bytes'] / 1e6:.1f} MB in {stats['seconds']:.1f} s "
+        f"-> {tok_dir}"
+    )
     tok = load_tokenizer(tok_dir)
     from .evaluate import load_eval_records
 
@@ -113,23 +126,54 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     acc: dict[str, dict] = {}
     secs: dict[str, float] = {}
 
-    _say(3, total, f"pretraining a dense (Qwen2.5-style) model, preset {cfg['preset']!r}, "
-                   f"{cfg['pretrain_steps']} steps")
+    _say(
+        3, total, f"pretraining a dense (Qwen2.5-style) model, preset {cfg['preset']!r}, {cfg['pretrain_steps']} steps"
+    )
     t0 = time.perf_counter()
     s = cfg["pretrain_steps"]
-    pre = _stage(["pretrain", "--data", str(paths["pretrain_train"]), "--eval-data", str(paths["pretrain_eval"]),
-                  "--tokenizer", str(tok_dir), "--out", str(out / "pretrain"), "--max-steps", str(s),
-                  "--preset", cfg["preset"], "--seq-len", "256", "--batch-size", "16",
-                  "--eval-every", str(max(1, s // 4)), "--save-every", str(s),
-                  "--warmup-steps", str(max(1, s // 10)), "--lr", "3e-3"])
+    pre = _stage(
+        [
+            "pretrain",
+            "--data",
+            str(paths["pretrain_train"]),
+            "--eval-data",
+            str(paths["pretrain_eval"]),
+            "--tokenizer",
+            str(tok_dir),
+            "--out",
+            str(out / "pretrain"),
+            "--max-steps",
+            str(s),
+            "--preset",
+            cfg["preset"],
+            "--seq-len",
+            "256",
+            "--batch-size",
+            "16",
+            "--eval-every",
+            str(max(1, s // 4)),
+            "--save-every",
+            str(s),
+            "--warmup-steps",
+            str(max(1, s // 10)),
+            "--lr",
+            "3e-3",
+        ]
+    )
     secs["pretrain"] = time.perf_counter() - t0
-    print(f"  held-out loss {pre['eval_before']['eval_loss']:.3f} -> {pre['eval_after']['eval_loss']:.3f}; "
-          f"{pre['tokens_per_s']:,.0f} tokens/s; checkpoint {pre['checkpoint']}; loss plot {pre['plot']}")
+    print(
+        f"  held-out loss {pre['eval_before']['eval_loss']:.3f} -> {pre['eval_after']['eval_loss']:.3f}; "
+        f"{pre['tokens_per_s']:,.0f} tokens/s; checkpoint {pre['checkpoint']}; loss plot {pre['plot']}"
+    )
     acc["pretrain"] = _accuracy(out / "pretrain", tok, eval_records)
     _samples(out / "pretrain", tok)
 
-    _say(4, total, f"pretraining a DeepSeek-V3-style MoE beside it (MLA + shared and routed experts), preset "
-                   f"{cfg['preset']!r}, {cfg['moe_steps']} steps")
+    _say(
+        4,
+        total,
+        f"pretraining a DeepSeek-V3-style MoE beside it (MLA + shared and routed experts), preset "
+        f"{cfg['preset']!r}, {cfg['moe_steps']} steps",
+    )
     t0 = time.perf_counter()
     moe = _moe_stage(out, paths, tok_dir, cfg, pre)
     secs["moe"] = time.perf_counter() - t0
@@ -137,34 +181,93 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     _say(5, total, f"SFT: chat-formatted reasoning, loss on assistant tokens only, {cfg['sft_steps']} steps")
     t0 = time.perf_counter()
     s = cfg["sft_steps"]
-    sft = _stage(["sft", "--init", str(out / "pretrain"), "--data", str(paths["sft_train"]),
-                  "--eval-data", str(paths["sft_eval"]), "--out", str(out / "sft"), "--pack",
-                  "--seq-len", str(cfg["sft_seq_len"]),
-                  "--batch-size", "24", "--max-steps", str(s), "--eval-every", str(max(1, s // 4)),
-                  "--save-every", str(s), "--warmup-steps", str(max(1, s // 30)), "--lr", "5e-3",
-                  "--min-lr-ratio", "0"])  # annealing to zero: 99.2% vs 95.0% on 3-digit problems (same data)
+    sft = _stage(
+        [
+            "sft",
+            "--init",
+            str(out / "pretrain"),
+            "--data",
+            str(paths["sft_train"]),
+            "--eval-data",
+            str(paths["sft_eval"]),
+            "--out",
+            str(out / "sft"),
+            "--pack",
+            "--seq-len",
+            str(cfg["sft_seq_len"]),
+            "--batch-size",
+            "24",
+            "--max-steps",
+            str(s),
+            "--eval-every",
+            str(max(1, s // 4)),
+            "--save-every",
+            str(s),
+            "--warmup-steps",
+            str(max(1, s // 30)),
+            "--lr",
+            "5e-3",
+            "--min-lr-ratio",
+            "0",
+        ]
+    )  # annealing to zero: 99.2% vs 95.0% on 3-digit problems (same data)
     secs["sft"] = time.perf_counter() - t0
-    print(f"  held-out loss {sft['eval_before']['eval_loss']:.3f} -> {sft['eval_after']['eval_loss']:.3f}; "
-          f"checkpoint {sft['checkpoint']}")
+    print(
+        f"  held-out loss {sft['eval_before']['eval_loss']:.3f} -> {sft['eval_after']['eval_loss']:.3f}; "
+        f"checkpoint {sft['checkpoint']}"
+    )
     acc["sft"] = _accuracy(out / "sft", tok, eval_records)
-    print(f"  held-out exact match: addition {_arith(acc['sft'], 'addition')}, "
-          f"subtraction {_arith(acc['sft'], 'subtraction')}")
+    print(
+        f"  held-out exact match: addition {_arith(acc['sft'], 'addition')}, "
+        f"subtraction {_arith(acc['sft'], 'subtraction')}"
+    )
 
-    _say(6, total, f"DPO: correct vs plausible wrong reasoning, beta 0.1, RPO weight {cfg['dpo_sft_weight']}, "
-                   f"{cfg['dpo_steps']} steps")
+    _say(
+        6,
+        total,
+        f"DPO: correct vs plausible wrong reasoning, beta 0.1, RPO weight {cfg['dpo_sft_weight']}, "
+        f"{cfg['dpo_steps']} steps",
+    )
     t0 = time.perf_counter()
     s = cfg["dpo_steps"]
-    dpo = _stage(["dpo", "--init", str(out / "sft"), "--data", str(paths["dpo_train"]),
-                  "--eval-data", str(paths["dpo_eval"]), "--out", str(out / "dpo"),
-                  "--seq-len", str(cfg["sft_seq_len"]),
-                  "--batch-size", "16", "--max-steps", str(s), "--eval-every", str(s), "--eval-batches", "16",
-                  "--save-every", str(s), "--warmup-steps", str(max(1, s // 10)), "--lr", "3e-5",
-                  "--sft-weight", str(cfg["dpo_sft_weight"])])
+    dpo = _stage(
+        [
+            "dpo",
+            "--init",
+            str(out / "sft"),
+            "--data",
+            str(paths["dpo_train"]),
+            "--eval-data",
+            str(paths["dpo_eval"]),
+            "--out",
+            str(out / "dpo"),
+            "--seq-len",
+            str(cfg["sft_seq_len"]),
+            "--batch-size",
+            "16",
+            "--max-steps",
+            str(s),
+            "--eval-every",
+            str(s),
+            "--eval-batches",
+            "16",
+            "--save-every",
+            str(s),
+            "--warmup-steps",
+            str(max(1, s // 10)),
+            "--lr",
+            "3e-5",
+            "--sft-weight",
+            str(cfg["dpo_sft_weight"]),
+        ]
+    )
     secs["dpo"] = time.perf_counter() - t0
     before, after = dpo["eval_before"], dpo["eval_after"]
-    print(f"  held-out pairs: loss {before['eval_loss']:.3f} -> {after['eval_loss']:.3f}, reward accuracy "
-          f"{after['eval_accuracy']:.1%}, margin {after['eval_margin']:.2f}; the policy prefers the correct answer "
-          f"in {before['eval_prefers_chosen']:.1%} -> {after['eval_prefers_chosen']:.1%} of pairs")
+    print(
+        f"  held-out pairs: loss {before['eval_loss']:.3f} -> {after['eval_loss']:.3f}, reward accuracy "
+        f"{after['eval_accuracy']:.1%}, margin {after['eval_margin']:.2f}; the policy prefers the correct answer "
+        f"in {before['eval_prefers_chosen']:.1%} -> {after['eval_prefers_chosen']:.1%} of pairs"
+    )
     acc["dpo"] = _accuracy(out / "dpo", tok, eval_records)
 
     _say(7, total, "chat with the final model (greedy): reasoning shown apart from the answer")
@@ -182,44 +285,66 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     _say(8, total, "exporting to transformers and generating there from the same weights")
     agree, hf_dir = _export_and_compare(out, tok)
 
-    print(f"\nheld-out results ({len(eval_records)} questions, greedy, thinking on; "
-          f"{dpo['held_out_pairs']} held-out preference pairs)")
-    print(f"  {'stage':8s} {'3-digit +/-':>16s} {'addition':>16s} {'subtraction':>16s} {'all tasks':>9s} "
-          f"{'prefers correct':>15s} {'reward acc':>10s} {'margin':>7s}")
+    print(
+        f"\nheld-out results ({len(eval_records)} questions, greedy, thinking on; "
+        f"{dpo['held_out_pairs']} held-out preference pairs)"
+    )
+    print(
+        f"  {'stage':8s} {'3-digit +/-':>16s} {'addition':>16s} {'subtraction':>16s} {'all tasks':>9s} "
+        f"{'prefers correct':>15s} {'reward acc':>10s} {'margin':>7s}"
+    )
     prefs = {"pretrain": None, "SFT": before, "DPO": after}
     for name, res in (("pretrain", acc["pretrain"]), ("SFT", acc["sft"]), ("DPO", acc["dpo"])):
         p = prefs[name]
-        pref = (f"{p['eval_prefers_chosen']:15.1%} {p['eval_accuracy']:10.1%} {p['eval_margin']:7.2f}" if p
-                else f"{'':15s} {'':10s} {'':7s}")
-        print(f"  {name:8s} {_arith3(res):>16s} {_arith(res, 'addition'):>16s} {_arith(res, 'subtraction'):>16s} "
-              f"{res['overall']:9.1%} {pref}")
+        pref = (
+            f"{p['eval_prefers_chosen']:15.1%} {p['eval_accuracy']:10.1%} {p['eval_margin']:7.2f}"
+            if p
+            else f"{'':15s} {'':10s} {'':7s}"
+        )
+        print(
+            f"  {name:8s} {_arith3(res):>16s} {_arith(res, 'addition'):>16s} {_arith(res, 'subtraction'):>16s} "
+            f"{res['overall']:9.1%} {pref}"
+        )
     text_elapsed = time.perf_counter() - t_all
-    print("  prefers correct: share of held-out pairs where the model gives the correct answer the higher "
-          "log-probability; reward acc and margin: DPO's implicit rewards (zero at the SFT row, where the "
-          "policy is the reference)")
-    print(f"text models done in {text_elapsed:.0f} s (pretrain {secs['pretrain']:.0f} s, MoE {secs['moe']:.0f} s, "
-          f"SFT {secs['sft']:.0f} s, DPO {secs['dpo']:.0f} s)")
+    print(
+        "  prefers correct: share of held-out pairs where the model gives the correct answer the higher "
+        "log-probability; reward acc and margin: DPO's implicit rewards (zero at the SFT row, where the "
+        "policy is the reference)"
+    )
+    print(
+        f"text models done in {text_elapsed:.0f} s (pretrain {secs['pretrain']:.0f} s, MoE {secs['moe']:.0f} s, "
+        f"SFT {secs['sft']:.0f} s, DPO {secs['dpo']:.0f} s)"
+    )
 
     from .demo_vlm import print_vlm_table, run_vlm_demo
 
     vlm = run_vlm_demo(out, out / "dpo", tok, cfg, _stage, lambda text: _say(9, total, text))
     print_vlm_table(vlm)
     elapsed = time.perf_counter() - t_all
-    print(f"\ndemo done in {elapsed:.0f} s (text models {text_elapsed:.0f} s, VLM {vlm['seconds']:.0f} s). "
-          f"Outputs under {out}: data/, tokenizer/, pretrain/, moe/, sft/, dpo/, vlm_*/ (each with metrics.jsonl "
-          f"and loss.png), hf/, moe_hf/ and vlm_hf/ (transformers).")
-    print(f"Next: llm-scratch chat --checkpoint {out / 'dpo'}    or    llm-scratch chat --checkpoint "
-          f"{out / 'vlm_dpo'} --image {out / 'data' / 'images' / 'eval_00000.png'}")
+    print(
+        f"\ndemo done in {elapsed:.0f} s (text models {text_elapsed:.0f} s, VLM {vlm['seconds']:.0f} s). "
+        f"Outputs under {out}: data/, tokenizer/, pretrain/, moe/, sft/, dpo/, vlm_*/ (each with metrics.jsonl "
+        f"and loss.png), hf/, moe_hf/ and vlm_hf/ (transformers)."
+    )
+    print(
+        f"Next: llm-scratch chat --checkpoint {out / 'dpo'}    or    llm-scratch chat --checkpoint "
+        f"{out / 'vlm_dpo'} --image {out / 'data' / 'images' / 'eval_00000.png'}"
+    )
     results = {
         "text_accuracy": {name: {"overall": r["overall"], "by_category": r["by_category"]} for name, r in acc.items()},
-        "pretrain": {"eval_loss_before": pre["eval_before"]["eval_loss"],
-                     "eval_loss_after": pre["eval_after"]["eval_loss"]},
+        "pretrain": {
+            "eval_loss_before": pre["eval_before"]["eval_loss"],
+            "eval_loss_after": pre["eval_after"]["eval_loss"],
+        },
         "moe": {k: moe[k] for k in ("load_peak", "load_last", "hf_max_diff")}
         | {"eval_loss_after": moe["eval_after"]["eval_loss"]},
         "dpo_pairs": {"before": before, "after": after, "held_out_pairs": dpo["held_out_pairs"]},
         "chat_agrees_with_transformers": [agree, len(CHAT_QUESTIONS)],
-        "vlm": {"accuracy": vlm["accuracy"], "hf_max_diff": vlm["hf_max_diff"],
-                "dpo_reward_accuracy": vlm["dpo"]["eval_after"]["eval_accuracy"]},
+        "vlm": {
+            "accuracy": vlm["accuracy"],
+            "hf_max_diff": vlm["hf_max_diff"],
+            "dpo_reward_accuracy": vlm["dpo"]["eval_after"]["eval_accuracy"],
+        },
         "seconds": {**secs, "text": text_elapsed, "vlm": vlm["seconds"], "all": elapsed},
     }
     atomic_write(out / RESULTS_FILE, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
@@ -234,20 +359,50 @@ def _moe_stage(out: Path, paths: dict, tok_dir: Path, cfg: dict, dense: dict) ->
     from .engine.metrics import read_metrics
 
     s = cfg["moe_steps"]
-    moe = _stage(["pretrain", "--model", "moe", "--data", str(paths["pretrain_train"]),
-                  "--eval-data", str(paths["pretrain_eval"]), "--tokenizer", str(tok_dir), "--out", str(out / "moe"),
-                  "--max-steps", str(s), "--preset", cfg["preset"], "--seq-len", "256", "--batch-size", "16",
-                  "--eval-every", str(max(1, s // 4)), "--save-every", str(s), "--warmup-steps", str(max(1, s // 10)),
-                  "--lr", "3e-3"])
-    print(f"  held-out loss: MoE {moe['eval_before']['eval_loss']:.3f} -> {moe['eval_after']['eval_loss']:.3f} "
-          f"({moe['parameters'] / 1e6:.2f}M parameters), dense {dense['eval_after']['eval_loss']:.3f} "
-          f"({dense['parameters'] / 1e6:.2f}M)")
+    moe = _stage(
+        [
+            "pretrain",
+            "--model",
+            "moe",
+            "--data",
+            str(paths["pretrain_train"]),
+            "--eval-data",
+            str(paths["pretrain_eval"]),
+            "--tokenizer",
+            str(tok_dir),
+            "--out",
+            str(out / "moe"),
+            "--max-steps",
+            str(s),
+            "--preset",
+            cfg["preset"],
+            "--seq-len",
+            "256",
+            "--batch-size",
+            "16",
+            "--eval-every",
+            str(max(1, s // 4)),
+            "--save-every",
+            str(s),
+            "--warmup-steps",
+            str(max(1, s // 10)),
+            "--lr",
+            "3e-3",
+        ]
+    )
+    print(
+        f"  held-out loss: MoE {moe['eval_before']['eval_loss']:.3f} -> {moe['eval_after']['eval_loss']:.3f} "
+        f"({moe['parameters'] / 1e6:.2f}M parameters), dense {dense['eval_after']['eval_loss']:.3f} "
+        f"({dense['parameters'] / 1e6:.2f}M)"
+    )
     loads = [r["load_max_mean"] for r in read_metrics(out / "moe" / "metrics.jsonl") if "load_max_mean" in r]
     tenth = max(1, len(loads) // 10)
-    peak = max(sum(loads[i:i + tenth]) / tenth for i in range(len(loads) - tenth + 1))
+    peak = max(sum(loads[i : i + tenth]) / tenth for i in range(len(loads) - tenth + 1))
     last = sum(loads[-tenth:]) / tenth
-    print(f"  expert load, busiest expert / mean (1.00 = balanced), mean over MoE layers and {tenth} steps: "
-          f"worst {peak:.2f} -> last {last:.2f} (auxiliary-loss-free bias update)")
+    print(
+        f"  expert load, busiest expert / mean (1.00 = balanced), mean over MoE layers and {tenth} steps: "
+        f"worst {peak:.2f} -> last {last:.2f} (auxiliary-loss-free bias update)"
+    )
     model = load_pretrained(out / "moe").eval()
     dense_model = load_pretrained(out / "pretrain")
     dc = dense_model.config
@@ -288,15 +443,19 @@ def _export_and_compare(out: Path, tok) -> tuple[int, Path]:
     pad = tok.convert_tokens_to_ids(PAD)
     agree = 0
     for question, think in CHAT_QUESTIONS:
-        text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                       add_generation_prompt=True, enable_thinking=think)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True, enable_thinking=think
+        )
         ids = tok.encode(text, add_special_tokens=False)
         budget = min(320, ours.config.max_position_embeddings - len(ids))  # both stop at the model's context
         mine = generate(ours, [ids], budget, stop_ids=stop, pad_id=pad)[0]
         with torch.no_grad():
-            gen = hf_model.generate(torch.tensor([ids]), max_new_tokens=budget, do_sample=False, eos_token_id=stop,
-                                    pad_token_id=pad)
-        agree += gen[0, len(ids):].tolist() == mine
-    print(f"  transformers {type(hf_model).__name__} loaded {hf_dir} without trust_remote_code; "
-          f"{agree}/{len(CHAT_QUESTIONS)} chat answers are token-for-token the same as our model's")
+            gen = hf_model.generate(
+                torch.tensor([ids]), max_new_tokens=budget, do_sample=False, eos_token_id=stop, pad_token_id=pad
+            )
+        agree += gen[0, len(ids) :].tolist() == mine
+    print(
+        f"  transformers {type(hf_model).__name__} loaded {hf_dir} without trust_remote_code; "
+        f"{agree}/{len(CHAT_QUESTIONS)} chat answers are token-for-token the same as our model's"
+    )
     return agree, hf_dir

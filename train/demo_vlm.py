@@ -35,37 +35,99 @@ def run_vlm_demo(out: Path, dense_dir: Path, tok, cfg: dict, stage, say) -> dict
     from .vlm_init import init_vlm
 
     t0 = time.perf_counter()
-    say(f"VLM: {cfg['vlm_images']} synthetic images, a ViT encoder + projector in front of the dense model; "
-        "alignment, SFT, DPO")
-    paths = generate_images(out / "data", seed=0, train=cfg["vlm_images"], held_out=cfg["vlm_eval_images"],
-                            size=cfg["vlm_image_size"])
+    say(
+        f"VLM: {cfg['vlm_images']} synthetic images, a ViT encoder + projector in front of the dense model; "
+        "alignment, SFT, DPO"
+    )
+    paths = generate_images(
+        out / "data", seed=0, train=cfg["vlm_images"], held_out=cfg["vlm_eval_images"], size=cfg["vlm_image_size"]
+    )
     records = load_eval_records(paths["vlm_sft_eval"])
     init_vlm(str(dense_dir), str(out / "vlm_init"), preset=cfg["vlm_preset"], image_size=cfg["vlm_image_size"])
     acc = {"init": _vlm_accuracy(out / "vlm_init", tok, records)}
     common = ["--seq-len", "128", "--batch-size", "32", "--no-progress", "--eval-batches", "4"]
     runs = [
-        ("align", ["sft", "--init", str(out / "vlm_init"), "--data", str(paths["vlm_caption_train"]),
-                   "--eval-data", str(paths["vlm_caption_eval"]), "--train", "projector,vision",
-                   "--lr", "3e-3"], cfg["vlm_align_steps"]),
-        ("sft", ["sft", "--init", str(out / "vlm_align"), "--data", str(paths["vlm_sft_train"]),
-                 "--eval-data", str(paths["vlm_sft_eval"]), "--lr", "3e-3", "--min-lr-ratio", "0"],
-         cfg["vlm_sft_steps"]),
-        ("dpo", ["dpo", "--init", str(out / "vlm_sft"), "--data", str(paths["vlm_dpo_train"]),
-                 "--eval-data", str(paths["vlm_dpo_eval"]), "--lr", "1e-4", "--sft-weight", str(cfg["dpo_sft_weight"])],
-         cfg["vlm_dpo_steps"]),
+        (
+            "align",
+            [
+                "sft",
+                "--init",
+                str(out / "vlm_init"),
+                "--data",
+                str(paths["vlm_caption_train"]),
+                "--eval-data",
+                str(paths["vlm_caption_eval"]),
+                "--train",
+                "projector,vision",
+                "--lr",
+                "3e-3",
+            ],
+            cfg["vlm_align_steps"],
+        ),
+        (
+            "sft",
+            [
+                "sft",
+                "--init",
+                str(out / "vlm_align"),
+                "--data",
+                str(paths["vlm_sft_train"]),
+                "--eval-data",
+                str(paths["vlm_sft_eval"]),
+                "--lr",
+                "3e-3",
+                "--min-lr-ratio",
+                "0",
+            ],
+            cfg["vlm_sft_steps"],
+        ),
+        (
+            "dpo",
+            [
+                "dpo",
+                "--init",
+                str(out / "vlm_sft"),
+                "--data",
+                str(paths["vlm_dpo_train"]),
+                "--eval-data",
+                str(paths["vlm_dpo_eval"]),
+                "--lr",
+                "1e-4",
+                "--sft-weight",
+                str(cfg["dpo_sft_weight"]),
+            ],
+            cfg["vlm_dpo_steps"],
+        ),
     ]
     summaries = {}
     for name, argv, steps in runs:
-        summaries[name] = stage(argv + ["--out", str(out / f"vlm_{name}"), "--max-steps", str(steps),
-                                        "--eval-every", str(steps), "--save-every", str(steps),
-                                        "--warmup-steps", str(max(1, steps // 10))] + common)
+        summaries[name] = stage(
+            argv
+            + [
+                "--out",
+                str(out / f"vlm_{name}"),
+                "--max-steps",
+                str(steps),
+                "--eval-every",
+                str(steps),
+                "--save-every",
+                str(steps),
+                "--warmup-steps",
+                str(max(1, steps // 10)),
+            ]
+            + common
+        )
         acc[name] = _vlm_accuracy(out / f"vlm_{name}", tok, records)
         s = summaries[name]
-        print(f"  {name}: held-out loss {s['eval_before']['eval_loss']:.3f} -> {s['eval_after']['eval_loss']:.3f}; "
-              + ", ".join(f"{k} {acc[name].get(k, 0):.0%}" for k in KINDS))
+        print(
+            f"  {name}: held-out loss {s['eval_before']['eval_loss']:.3f} -> {s['eval_after']['eval_loss']:.3f}; "
+            + ", ".join(f"{k} {acc[name].get(k, 0):.0%}" for k in KINDS)
+        )
     dpo = summaries["dpo"]
-    print(f"  DPO held-out pairs: reward accuracy {dpo['eval_after']['eval_accuracy']:.1%}, margin "
-          f"{dpo['eval_after']['eval_margin']:.2f}")
+    print(
+        f"  DPO held-out pairs: reward accuracy {dpo['eval_after']['eval_accuracy']:.1%}, margin "
+        f"{dpo['eval_after']['eval_margin']:.2f}"
+    )
 
     from .chat import ChatSession, Display
 
@@ -89,8 +151,13 @@ def run_vlm_demo(out: Path, dense_dir: Path, tok, cfg: dict, stage, say) -> dict
     with torch.no_grad():
         diff = (ours(ids, pixel_values=pixels).logits - hf(input_ids=ids, pixel_values=pixels).logits).abs().max()
     print(f"  exported as transformers {type(hf).__name__}: max |logit difference| {float(diff):.1e}")
-    return {"accuracy": acc, "dpo": dpo, "seconds": time.perf_counter() - t0, "hf_max_diff": float(diff),
-            "questions": len(records)}
+    return {
+        "accuracy": acc,
+        "dpo": dpo,
+        "seconds": time.perf_counter() - t0,
+        "hf_max_diff": float(diff),
+        "questions": len(records),
+    }
 
 
 def print_vlm_table(res: dict) -> None:

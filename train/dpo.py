@@ -38,8 +38,9 @@ REF_FILE = "reference_logps.pt"
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="python -m train.dpo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = p or argparse.ArgumentParser(
+        prog="python -m train.dpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_finetune_data_args(p, "DPO ({'prompt', 'chosen', 'rejected'})")
     g = p.add_argument_group("DPO")
     g.add_argument("--beta", type=float, default=0.1)
@@ -47,9 +48,13 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     g.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO epsilon (sigmoid loss)")
     g.add_argument("--average-logps", action="store_true", help="length-average the log-probs instead of summing")
     g.add_argument("--reference", choices=["precompute", "model"], default="precompute")
-    g.add_argument("--sft-weight", type=float, default=0.0,
-                   help="add this times the chosen completions' per-token NLL (RPO), which keeps DPO from "
-                        "lowering the likelihood of the correct answers")
+    g.add_argument(
+        "--sft-weight",
+        type=float,
+        default=0.0,
+        help="add this times the chosen completions' per-token NLL (RPO), which keeps DPO from "
+        "lowering the likelihood of the correct answers",
+    )
     add_train_args(p, steps=200, lr=5e-5, batch_size=16)
     p.set_defaults(warmup_steps=10, weight_decay=0.0)
     return p
@@ -66,8 +71,15 @@ def pair_logps(module, batch: dict, average: bool) -> torch.Tensor:
 class DPOObjective:
     """The trainer's loss function for DPO: policy log-probs against the reference's."""
 
-    def __init__(self, beta: float, loss_type: str, label_smoothing: float, average: bool, reference=None,
-                 sft_weight: float = 0.0):
+    def __init__(
+        self,
+        beta: float,
+        loss_type: str,
+        label_smoothing: float,
+        average: bool,
+        reference=None,
+        sft_weight: float = 0.0,
+    ):
         if sft_weight < 0:
             raise UserError(f"--sft-weight must be >= 0, got {sft_weight}")
         if not 0 <= label_smoothing < 0.5:
@@ -109,22 +121,42 @@ def run(ns: argparse.Namespace) -> dict:
     if ns.reference == "model" and run_dir.resume_ckpt is not None:
         raise UserError("--resume with --reference model: the starting policy is gone; use --reference precompute")
     objective = DPOObjective(ns.beta, ns.loss, ns.label_smoothing, ns.average_logps, sft_weight=ns.sft_weight)
-    info = {"stage": "dpo", "init": ns.init, "trainable_parameters": trainable, "train": ns.train,
-            "pairs": len(train_ex), "held_out_pairs": len(eval_ex), "dropped_too_long": dropped, "beta": ns.beta,
-            "loss": ns.loss, "reference": ns.reference}
-    trainer = Trainer(model, train_set, objective, targs, optim, eval_set=eval_set,
-                      collate_fn=dpo_collate(tok.convert_tokens_to_ids(PAD)),
-                      weight_fn=lambda batch: float(len(batch["index"])),  # the loss is a mean over pairs
-                      tokenizer_dir=run_dir.tokenizer_dir,
-                      run_config={"run": info}, title="dpo")
+    info = {
+        "stage": "dpo",
+        "init": ns.init,
+        "trainable_parameters": trainable,
+        "train": ns.train,
+        "pairs": len(train_ex),
+        "held_out_pairs": len(eval_ex),
+        "dropped_too_long": dropped,
+        "beta": ns.beta,
+        "loss": ns.loss,
+        "reference": ns.reference,
+    }
+    trainer = Trainer(
+        model,
+        train_set,
+        objective,
+        targs,
+        optim,
+        eval_set=eval_set,
+        collate_fn=dpo_collate(tok.convert_tokens_to_ids(PAD)),
+        weight_fn=lambda batch: float(len(batch["index"])),  # the loss is a mean over pairs
+        tokenizer_dir=run_dir.tokenizer_dir,
+        run_config={"run": info},
+        title="dpo",
+    )
     if ns.reference == "model":
         objective.reference = trainer.engine.frozen(reference_copy)
     else:
         _attach_reference_logps(trainer, run_dir, train_set, eval_set, ns.average_logps)
     if trainer.is_main:
-        print(f"dpo: {len(train_ex)} pairs, {len(eval_ex)} held out, {info['dropped_too_long']} dropped as longer "
-              f"than --seq-len {ns.seq_len}; beta {ns.beta}, {ns.loss} loss, reference by {ns.reference}; "
-              f"device {trainer.device}, out {ns.out}", flush=True)
+        print(
+            f"dpo: {len(train_ex)} pairs, {len(eval_ex)} held out, {info['dropped_too_long']} dropped as longer "
+            f"than --seq-len {ns.seq_len}; beta {ns.beta}, {ns.loss} loss, reference by {ns.reference}; "
+            f"device {trainer.device}, out {ns.out}",
+            flush=True,
+        )
     return trainer.fit()
 
 
@@ -133,8 +165,9 @@ def _attach_reference_logps(trainer: Trainer, run_dir: RunDir, train_set, eval_s
     path = run_dir.out / REF_FILE
     if run_dir.resume_ckpt is not None:
         if not path.exists():
-            raise UserError(f"--resume: {path} is missing; the reference log-probs cannot be recomputed "
-                            "from a trained policy")
+            raise UserError(
+                f"--resume: {path} is missing; the reference log-probs cannot be recomputed from a trained policy"
+            )
         saved = torch.load(path, map_location="cpu", weights_only=True)
     else:
         fn = lambda module, batch: pair_logps(module, batch, average)

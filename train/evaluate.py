@@ -59,8 +59,9 @@ def load_eval_records(path) -> list[EvalRecord]:
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, records: list[EvalRecord], think: bool = True, batch_size: int = 64,
-                max_new_tokens: int = 256) -> dict:
+def exact_match(
+    model, tokenizer, records: list[EvalRecord], think: bool = True, batch_size: int = 64, max_new_tokens: int = 256
+) -> dict:
     """{'overall': accuracy, 'by_category': {name: (correct, total)}, 'samples': [...]}"""
     stop = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
     pad = tokenizer.convert_tokens_to_ids(PAD)
@@ -71,8 +72,9 @@ def exact_match(model, tokenizer, records: list[EvalRecord], think: bool = True,
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         pixels = loader([p for i in idx for p in records[i].images]) if loader else None
-        outs = generate(model, [prompts[i] for i in idx], max_new_tokens, stop_ids=stop, pad_id=pad,
-                        pixel_values=pixels)
+        outs = generate(
+            model, [prompts[i] for i in idx], max_new_tokens, stop_ids=stop, pad_id=pad, pixel_values=pixels
+        )
         for i, new in zip(idx, outs):
             answers[i] = split_reasoning(tokenizer.decode(new, skip_special_tokens=True))[1].strip()
     by_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -81,6 +83,10 @@ def exact_match(model, tokenizer, records: list[EvalRecord], think: bool = True,
         by_cat[r.category][0] += ok
         by_cat[r.category][1] += 1
     correct = sum(c for c, _ in by_cat.values())
-    return {"overall": correct / max(1, len(records)), "correct": correct, "total": len(records),
-            "by_category": {k: tuple(v) for k, v in sorted(by_cat.items())},
-            "samples": [(records[i].answer, answers[i]) for i in range(min(5, len(records)))]}
+    return {
+        "overall": correct / max(1, len(records)),
+        "correct": correct,
+        "total": len(records),
+        "by_category": {k: tuple(v) for k, v in sorted(by_cat.items())},
+        "samples": [(records[i].answer, answers[i]) for i in range(min(5, len(records)))],
+    }

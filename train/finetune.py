@@ -18,15 +18,19 @@ def add_finetune_data_args(p: argparse.ArgumentParser, what: str) -> None:
     d.add_argument("--eval-fraction", type=float, default=0.02, help="records held out when no --eval-data")
     d.add_argument("--tokenizer", metavar="DIR", help="default: the --init checkpoint's tokenizer")
     d.add_argument("--seq-len", type=int, default=512, help="longest row in tokens (see the truncation policy)")
-    d.add_argument("--train", default="all", metavar="PARTS",
-                   help="VLM: the parts that learn, comma-separated from vision, projector, language "
-                        "(default all; the alignment stage trains 'projector' or 'vision,projector')")
+    d.add_argument(
+        "--train",
+        default="all",
+        metavar="PARTS",
+        help="VLM: the parts that learn, comma-separated from vision, projector, language "
+        "(default all; the alignment stage trains 'projector' or 'vision,projector')",
+    )
 
 
 def split_held_out(records: list, fraction: float) -> tuple[list, list]:
     """The last `fraction` of the records (at least one when there are two or more) are held out."""
     n_eval = max(1, int(len(records) * fraction)) if len(records) > 1 and fraction > 0 else 0
-    return records[: len(records) - n_eval], records[len(records) - n_eval:]
+    return records[: len(records) - n_eval], records[len(records) - n_eval :]
 
 
 def finetune_examples(ns: argparse.Namespace, model, load, build, tokenizer):

@@ -27,8 +27,9 @@ LOSS_TYPES = ("sigmoid", "ipo")
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     """The model's own training loss (cross-entropy, plus the MoE model's balance and MTP terms, whose
     values come back as statistics for the log)."""
-    inputs = {k: v for k, v in batch.items()
-              if k in ("input_ids", "targets", "segment_ids", "position_ids", "pixel_values")}
+    inputs = {
+        k: v for k, v in batch.items() if k in ("input_ids", "targets", "segment_ids", "position_ids", "pixel_values")
+    }
     out = model(**inputs)
     return out.loss, aux_stats(out)
 
@@ -51,8 +52,15 @@ def chosen_nll(summed_logps: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tens
     return (-summed_logps / n_tokens).mean()
 
 
-def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, beta: float = 0.1,
-             loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+def dpo_loss(
+    pi_c: torch.Tensor,
+    pi_r: torch.Tensor,
+    ref_c: torch.Tensor,
+    ref_r: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
     """Mean loss over the pairs, and the statistics the trainer logs."""
     d = (pi_c - ref_c) - (pi_r - ref_r)
     if loss_type == "sigmoid":

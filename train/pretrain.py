@@ -1,7 +1,7 @@
 """Pretraining: next-token prediction on packed documents.
 
-    llm-scratch pretrain --data FILE... --tokenizer DIR --out DIR [--preset tiny | --model-config F]
-    python -m train.pretrain ...   (the same options)
+llm-scratch pretrain --data FILE... --tokenizer DIR --out DIR [--preset tiny | --model-config F]
+python -m train.pretrain ...   (the same options)
 """
 
 from __future__ import annotations
@@ -25,16 +25,18 @@ from .run_dir import RunDir, check_context
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = p or argparse.ArgumentParser(
+        prog="python -m train.pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", required=True, metavar="PATH", help=".txt or .jsonl ({'text'}) files")
     d.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out files (default: the last rows)")
     d.add_argument("--eval-fraction", type=float, default=0.02, help="rows held out when no --eval-data")
     d.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default on --resume: the checkpoint's)")
     d.add_argument("--seq-len", type=int, default=256, help="tokens per training row")
-    d.add_argument("--no-document-mask", action="store_true",
-                   help="let packed documents attend to each other (plain causal rows)")
+    d.add_argument(
+        "--no-document-mask", action="store_true", help="let packed documents attend to each other (plain causal rows)"
+    )
     add_model_args(p)
     add_train_args(p, steps=1000, lr=3e-3, batch_size=16)
     return p
@@ -60,8 +62,10 @@ def model_config_for(ns: argparse.Namespace, vocab: int, resume_ckpt: Path | Non
     if config.model_type != ns.model:
         raise UserError(f"--model {ns.model} but the model config is a {config.model_type!r} config")
     if vocab > config.vocab_size:
-        raise UserError(f"the tokenizer has {vocab} tokens but the model's vocab_size is {config.vocab_size}; "
-                        "use a matching tokenizer or a larger vocab_size")
+        raise UserError(
+            f"the tokenizer has {vocab} tokens but the model's vocab_size is {config.vocab_size}; "
+            "use a matching tokenizer or a larger vocab_size"
+        )
     check_context(ns.seq_len, config)
     return config
 
@@ -91,13 +95,30 @@ def run(ns: argparse.Namespace) -> dict:
         eval_set = PackedDataset(stream[cut:], ns.seq_len, eot, doc_mask) if n_eval else None
     torch.manual_seed(ns.seed)  # the same initial weights on every rank and every run with this seed
     model = build_model(config)
-    info = {"stage": "pretrain", "model_type": config.model_type, "parameters": model.num_parameters(),
-            "train_tokens": int(len(train_set) * ns.seq_len), "data": [str(p) for p in ns.data]}
-    trainer = Trainer(model, train_set, lm_loss, targs, optim, eval_set=eval_set, tokenizer_dir=tok_dir,
-                      run_config={"run": info}, title="pretrain")
+    info = {
+        "stage": "pretrain",
+        "model_type": config.model_type,
+        "parameters": model.num_parameters(),
+        "train_tokens": int(len(train_set) * ns.seq_len),
+        "data": [str(p) for p in ns.data],
+    }
+    trainer = Trainer(
+        model,
+        train_set,
+        lm_loss,
+        targs,
+        optim,
+        eval_set=eval_set,
+        tokenizer_dir=tok_dir,
+        run_config={"run": info},
+        title="pretrain",
+    )
     if trainer.is_main:
-        print(f"pretrain: {info['parameters'] / 1e6:.2f}M parameters, {info['train_tokens']:,} training tokens "
-              f"in {len(train_set)} rows of {ns.seq_len}, device {trainer.device}, out {out}", flush=True)
+        print(
+            f"pretrain: {info['parameters'] / 1e6:.2f}M parameters, {info['train_tokens']:,} training tokens "
+            f"in {len(train_set)} rows of {ns.seq_len}, device {trainer.device}, out {out}",
+            flush=True,
+        )
     return trainer.fit()
 
 

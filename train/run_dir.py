@@ -20,8 +20,10 @@ def check_context(seq_len: int, config) -> None:
     if seq_len < 1:
         raise UserError(f"--seq-len must be at least 1, got {seq_len}")
     if seq_len > config.max_position_embeddings:
-        raise UserError(f"--seq-len {seq_len} is longer than the model's context "
-                        f"(max_position_embeddings={config.max_position_embeddings})")
+        raise UserError(
+            f"--seq-len {seq_len} is longer than the model's context "
+            f"(max_position_embeddings={config.max_position_embeddings})"
+        )
 
 
 class RunDir:

@@ -23,8 +23,9 @@ from .run_dir import RunDir, check_context
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="python -m train.sft", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = p or argparse.ArgumentParser(
+        prog="python -m train.sft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_finetune_data_args(p, "SFT ({'messages': [...]})")
     p.add_argument("--pack", action="store_true", help="pack several conversations per row (kept apart by masks)")
     add_train_args(p, steps=500, lr=1e-3, batch_size=16)
@@ -45,15 +46,35 @@ def run(ns: argparse.Namespace) -> dict:
     else:
         make = lambda ex: SFTDataset(ex, loader)  # noqa: E731
     train_set, eval_set = make(train_ex), (make(eval_ex) if eval_ex else None)
-    info = {"stage": "sft", "init": ns.init, "trainable_parameters": trainable, "train": ns.train,
-            "conversations": len(train_ex), "dropped_too_long": dropped,
-            "rows": len(train_set), "trained_tokens": int(sum(e.trained[1:].sum() for e in train_ex))}
-    trainer = Trainer(model, train_set, lm_loss, targs, optim, eval_set=eval_set, collate_fn=pad_collate(pad),
-                      tokenizer_dir=run_dir.tokenizer_dir, run_config={"run": info}, title="sft")
+    info = {
+        "stage": "sft",
+        "init": ns.init,
+        "trainable_parameters": trainable,
+        "train": ns.train,
+        "conversations": len(train_ex),
+        "dropped_too_long": dropped,
+        "rows": len(train_set),
+        "trained_tokens": int(sum(e.trained[1:].sum() for e in train_ex)),
+    }
+    trainer = Trainer(
+        model,
+        train_set,
+        lm_loss,
+        targs,
+        optim,
+        eval_set=eval_set,
+        collate_fn=pad_collate(pad),
+        tokenizer_dir=run_dir.tokenizer_dir,
+        run_config={"run": info},
+        title="sft",
+    )
     if trainer.is_main:
-        print(f"sft: {len(train_ex)} conversations ({info['trained_tokens']:,} assistant tokens) in "
-              f"{len(train_set)} rows, {len(eval_ex)} held out; {info['dropped_too_long']} dropped as longer "
-              f"than --seq-len {ns.seq_len}; device {trainer.device}, out {ns.out}", flush=True)
+        print(
+            f"sft: {len(train_ex)} conversations ({info['trained_tokens']:,} assistant tokens) in "
+            f"{len(train_set)} rows, {len(eval_ex)} held out; {info['dropped_too_long']} dropped as longer "
+            f"than --seq-len {ns.seq_len}; device {trainer.device}, out {ns.out}",
+            flush=True,
+        )
     return trainer.fit()
 
 

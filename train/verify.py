@@ -41,19 +41,76 @@ def run_verify(out: str | None = None) -> list[tuple[str, str, float, float]]:
     root = Path(out) if out else Path(tempfile.mkdtemp(prefix="llm-scratch-verify-"))
     data = generate(root / "data", seed=1, pretrain_docs=800, sft=200, dpo=100)
     train_tokenizer([data["pretrain_train"], data["sft_train"]], 1024, root / "tok", quiet=True)
-    common = ["--max-steps", str(STEPS), "--eval-every", "0", "--no-progress", "--warmup-steps", "2",
-              "--save-every", str(STEPS)]
+    common = [
+        "--max-steps",
+        str(STEPS),
+        "--eval-every",
+        "0",
+        "--no-progress",
+        "--warmup-steps",
+        "2",
+        "--save-every",
+        str(STEPS),
+    ]
     results = []
     for model in MODELS:
         base = root / model
         stages = [
-            ("pretrain", ["--data", str(data["pretrain_train"]), "--tokenizer", str(root / "tok"),
-                                         "--out", str(base / "pretrain"), "--model", model, "--preset", "micro",
-                                         "--seq-len", "64", "--batch-size", "8", "--lr", "1e-2"]),
-            ("sft", ["--init", str(base / "pretrain"), "--data", str(data["sft_train"]),
-                               "--out", str(base / "sft"), "--seq-len", "256", "--batch-size", "8", "--lr", "5e-3"]),
-            ("dpo", ["--init", str(base / "sft"), "--data", str(data["dpo_train"]),
-                               "--out", str(base / "dpo"), "--seq-len", "256", "--batch-size", "4", "--lr", "2e-3"]),
+            (
+                "pretrain",
+                [
+                    "--data",
+                    str(data["pretrain_train"]),
+                    "--tokenizer",
+                    str(root / "tok"),
+                    "--out",
+                    str(base / "pretrain"),
+                    "--model",
+                    model,
+                    "--preset",
+                    "micro",
+                    "--seq-len",
+                    "64",
+                    "--batch-size",
+                    "8",
+                    "--lr",
+                    "1e-2",
+                ],
+            ),
+            (
+                "sft",
+                [
+                    "--init",
+                    str(base / "pretrain"),
+                    "--data",
+                    str(data["sft_train"]),
+                    "--out",
+                    str(base / "sft"),
+                    "--seq-len",
+                    "256",
+                    "--batch-size",
+                    "8",
+                    "--lr",
+                    "5e-3",
+                ],
+            ),
+            (
+                "dpo",
+                [
+                    "--init",
+                    str(base / "sft"),
+                    "--data",
+                    str(data["dpo_train"]),
+                    "--out",
+                    str(base / "dpo"),
+                    "--seq-len",
+                    "256",
+                    "--batch-size",
+                    "4",
+                    "--lr",
+                    "2e-3",
+                ],
+            ),
         ]
         for stage, args in stages:
             run_stage(stage, args + common)
@@ -75,8 +132,20 @@ def _verify_vlm(root: Path, data: dict, common: list[str]) -> list[tuple[str, st
     base = root / "vlm"
     init_vlm(str(root / "dense" / "sft"), str(base / "init"), preset="micro")
     stages = [
-        ("align", "sft", ["--init", str(base / "init"), "--data", str(images["vlm_caption_train"]),
-                             "--train", "projector,vision", "--lr", "1e-2"]),
+        (
+            "align",
+            "sft",
+            [
+                "--init",
+                str(base / "init"),
+                "--data",
+                str(images["vlm_caption_train"]),
+                "--train",
+                "projector,vision",
+                "--lr",
+                "1e-2",
+            ],
+        ),
         ("sft", "sft", ["--init", str(base / "align"), "--data", str(images["vlm_sft_train"]), "--lr", "5e-3"]),
         ("dpo", "dpo", ["--init", str(base / "sft"), "--data", str(images["vlm_dpo_train"]), "--lr", "2e-3"]),
     ]

@@ -45,8 +45,9 @@ def init_vlm(llm: str, out: str, preset: str = "nano", seed: int = 0, **override
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="llm-scratch vlm-init", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = p or argparse.ArgumentParser(
+        prog="llm-scratch vlm-init", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--llm", required=True, help="the dense model: a run, checkpoint or transformers directory")
     p.add_argument("--out", required=True, help="where the VLM checkpoint goes")
     p.add_argument("--preset", default="nano", help="vision tower size (micro, nano, small)")
@@ -58,8 +59,15 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 
 
 def run(ns: argparse.Namespace) -> dict:
-    out = init_vlm(ns.llm, ns.out, ns.preset, ns.seed, image_size=ns.image_size, patch_size=ns.patch_size,
-                   pixel_shuffle=ns.pixel_shuffle)
+    out = init_vlm(
+        ns.llm,
+        ns.out,
+        ns.preset,
+        ns.seed,
+        image_size=ns.image_size,
+        patch_size=ns.patch_size,
+        pixel_shuffle=ns.pixel_shuffle,
+    )
     print(f"vlm-init: wrote {out} (vision tower preset {ns.preset!r} + the language model of {ns.llm})")
     return {"checkpoint": str(out)}
 

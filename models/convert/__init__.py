@@ -84,8 +84,10 @@ def import_hf(hf_dir: str | Path) -> torch.nn.Module:
         raise CheckpointError(f"{d / 'config.json'}: cannot read the transformers config ({e})") from None
     converter = BY_HF_MODEL_TYPE.get(hf.model_type)
     if converter is None:
-        raise CheckpointError(f"{d / 'config.json'}: model_type {hf.model_type!r} is not supported "
-                              f"(expected one of {', '.join(repr(t) for t in BY_HF_MODEL_TYPE)})")
+        raise CheckpointError(
+            f"{d / 'config.json'}: model_type {hf.model_type!r} is not supported "
+            f"(expected one of {', '.join(repr(t) for t in BY_HF_MODEL_TYPE)})"
+        )
     return converter.load(d, hf)
 
 

@@ -33,16 +33,38 @@ log = logging.getLogger(__name__)
 
 # MoEConfig fields that DeepseekV3Config has under the same name and meaning.
 SHARED_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-    "n_shared_experts", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "norm_topk_prob",
-    "routed_scaling_factor", "first_k_dense_replace", "max_position_embeddings", "rms_norm_eps",
-    "tie_word_embeddings", "initializer_range",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "n_shared_experts",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "n_group",
+    "topk_group",
+    "norm_topk_prob",
+    "routed_scaling_factor",
+    "first_k_dense_replace",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "initializer_range",
 )
 _EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _HF_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_MTP_RENAMES = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
-                "norm.weight": "shared_head.norm.weight"}
+_MTP_RENAMES = {
+    "enorm.weight": "enorm.weight",
+    "hnorm.weight": "hnorm.weight",
+    "eh_proj.weight": "eh_proj.weight",
+    "norm.weight": "shared_head.norm.weight",
+}
 _MTP_NAMES = {v: k for k, v in _MTP_RENAMES.items()}  # DeepSeek's layer-N names -> ours
 
 
@@ -107,8 +129,10 @@ def config_from_hf(hf, where: str, has_mtp_weights: bool = True) -> MoEConfig:
     fields["tie_word_embeddings"] = bool(fields["tie_word_embeddings"])
     mtp = min(mtp_layers_in_config(hf), 1)
     if mtp and not has_mtp_weights:
-        log.warning(f"{where}: asks for {mtp_layers_in_config(hf)} MTP layer(s) but the weights have none (as "
-                    "transformers writes them); loading without multi-token prediction")
+        log.warning(
+            f"{where}: asks for {mtp_layers_in_config(hf)} MTP layer(s) but the weights have none (as "
+            "transformers writes them); loading without multi-token prediction"
+        )
         mtp = 0
     return MoEConfig(**fields, rope_theta=float(theta), rope_scaling=scaling, num_mtp_layers=mtp).validate()
 
@@ -127,9 +151,9 @@ def to_deepseek_state(state: dict[str, torch.Tensor], config: MoEConfig) -> dict
     renamed = {}
     for key, value in state.items():
         if key.startswith("mtp.block."):
-            key = f"model.layers.{n}.{key[len('mtp.block.'):]}"
+            key = f"model.layers.{n}.{key[len('mtp.block.') :]}"
         elif key.startswith("mtp."):
-            key = f"model.layers.{n}.{_MTP_RENAMES[key[len('mtp.'):]]}"
+            key = f"model.layers.{n}.{_MTP_RENAMES[key[len('mtp.') :]]}"
         renamed[key] = value
     out = {}
     for key, value in renamed.items():
@@ -173,7 +197,7 @@ def from_deepseek_state(state: dict[str, torch.Tensor], config: MoEConfig) -> di
         if not key.startswith(mtp_prefix):
             renamed[key] = value
             continue
-        rest = key[len(mtp_prefix):]
+        rest = key[len(mtp_prefix) :]
         if rest in ("embed_tokens.weight", "shared_head.head.weight"):
             continue  # DeepSeek's files repeat the shared embedding and head here
         if rest in _MTP_NAMES:

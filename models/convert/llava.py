@@ -24,27 +24,47 @@ from . import qwen2
 MODEL_TYPE = "vlm"
 HF_MODEL_TYPE = "llava"
 
-_PREFIXES = (("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
-             ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."))
+_PREFIXES = (
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+)
 
 
 def hf_config(config: VLMConfig, special: dict[str, int]):
     from transformers import LlavaConfig, SiglipVisionConfig
 
     if config.pixel_shuffle != 1:
-        raise CheckpointError("a VLM with pixel_shuffle > 1 has no LlavaForConditionalGeneration equivalent "
-                              "(LLaVA's projector takes one token per patch)")
+        raise CheckpointError(
+            "a VLM with pixel_shuffle > 1 has no LlavaForConditionalGeneration equivalent "
+            "(LLaVA's projector takes one token per patch)"
+        )
     vision = SiglipVisionConfig(
-        hidden_size=config.vision_hidden_size, intermediate_size=config.vision_intermediate_size,
-        num_hidden_layers=config.vision_num_layers, num_attention_heads=config.vision_num_heads,
-        num_channels=config.num_channels, image_size=config.image_size, patch_size=config.patch_size,
-        layer_norm_eps=config.vision_layer_norm_eps, hidden_act="gelu_pytorch_tanh", vision_use_head=False,
+        hidden_size=config.vision_hidden_size,
+        intermediate_size=config.vision_intermediate_size,
+        num_hidden_layers=config.vision_num_layers,
+        num_attention_heads=config.vision_num_heads,
+        num_channels=config.num_channels,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        layer_norm_eps=config.vision_layer_norm_eps,
+        hidden_act="gelu_pytorch_tanh",
+        vision_use_head=False,
     )
     text = qwen2.hf_config(config.text_config, special)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=config.image_token_id,
-                       projector_hidden_act="gelu", vision_feature_select_strategy="full", vision_feature_layer=-1,
-                       image_seq_length=config.image_tokens, multimodal_projector_bias=True,
-                       tie_word_embeddings=config.tie_word_embeddings, architectures=["LlavaForConditionalGeneration"])
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=config.image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_seq_length=config.image_tokens,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=config.tie_word_embeddings,
+        architectures=["LlavaForConditionalGeneration"],
+    )
 
 
 def to_llava_state(state: dict[str, torch.Tensor], config: VLMConfig) -> dict[str, torch.Tensor]:
@@ -52,7 +72,7 @@ def to_llava_state(state: dict[str, torch.Tensor], config: VLMConfig) -> dict[st
     for key, value in state.items():
         for ours, theirs in _PREFIXES:
             if key.startswith(ours):
-                out[theirs + key[len(ours):]] = value
+                out[theirs + key[len(ours) :]] = value
                 break
         else:
             raise KeyError(f"no LLaVA name for {key}")
@@ -68,10 +88,10 @@ def from_llava_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if key.startswith("model.vision_tower.post_layernorm."):
             continue  # not on LLaVA's feature path (vision_feature_layer=-1)
         if key.startswith("model.vision_tower.vision_model."):  # the older nesting
-            key = "model.vision_tower." + key[len("model.vision_tower.vision_model."):]
+            key = "model.vision_tower." + key[len("model.vision_tower.vision_model.") :]
         for ours, theirs in _PREFIXES:
             if key.startswith(theirs):
-                out[ours + key[len(theirs):]] = value
+                out[ours + key[len(theirs) :]] = value
                 break
         else:
             out[key] = value  # left for the strict load to report
@@ -94,15 +114,23 @@ def config_from_hf(hf, where: str) -> VLMConfig:
     text.tie_word_embeddings = bool(getattr(hf, "tie_word_embeddings", text.tie_word_embeddings))
     v = hf.vision_config
     if getattr(hf, "vision_feature_select_strategy", "full") != "full" or hf.vision_feature_layer != -1:
-        raise CheckpointError(f"{where}: only LLaVA with vision_feature_layer=-1 and the 'full' feature strategy "
-                              "is supported")
+        raise CheckpointError(
+            f"{where}: only LLaVA with vision_feature_layer=-1 and the 'full' feature strategy is supported"
+        )
     if v.hidden_act != "gelu_pytorch_tanh" or hf.projector_hidden_act != "gelu":
         raise CheckpointError(f"{where}: only SigLIP's tanh-GELU vision MLP and a GELU projector are supported")
-    return VLMConfig(text_config=text, image_size=v.image_size, patch_size=v.patch_size,
-                     num_channels=v.num_channels, vision_hidden_size=v.hidden_size,
-                     vision_intermediate_size=v.intermediate_size, vision_num_layers=v.num_hidden_layers,
-                     vision_num_heads=v.num_attention_heads, vision_layer_norm_eps=v.layer_norm_eps,
-                     image_token_id=hf.image_token_id).validate()
+    return VLMConfig(
+        text_config=text,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        num_channels=v.num_channels,
+        vision_hidden_size=v.hidden_size,
+        vision_intermediate_size=v.intermediate_size,
+        vision_num_layers=v.num_hidden_layers,
+        vision_num_heads=v.num_attention_heads,
+        vision_layer_norm_eps=v.layer_norm_eps,
+        image_token_id=hf.image_token_id,
+    ).validate()
 
 
 def load(d: Path, hf):

@@ -15,9 +15,18 @@ HF_MODEL_TYPE = "qwen2"
 
 # DenseConfig fields that Qwen2Config has under the same name and meaning (rope_theta moved into
 # rope_parameters in transformers 5, so it is translated on its own).
-SHARED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
-                 "initializer_range")
+SHARED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "initializer_range",
+)
 
 
 def hf_config(config: DenseConfig, special: dict[str, int]):

@@ -28,12 +28,15 @@ def _compare(inputs, dtype, scale, mask_for_ref, **kernel_kw):
 
 
 @pytest.mark.parametrize("device,dtype", devices_and_dtypes())
-@pytest.mark.parametrize("b,h,t,dn,dr,dv", [
-    (1, 1, 1, 16, 8, 16),      # one token, one head
-    pytest.param(2, 3, 37, 24, 8, 20, marks=pytest.mark.slow),  # T not a multiple of the block; v dim != qk dim
-    pytest.param(1, 8, 20, 32, 16, 32, marks=pytest.mark.slow),  # eight heads
-    (1, 2, 33, 48, 16, 32),    # DeepSeek's proportions (nope > v, rope = nope / 3), shrunk
-])
+@pytest.mark.parametrize(
+    "b,h,t,dn,dr,dv",
+    [
+        (1, 1, 1, 16, 8, 16),  # one token, one head
+        pytest.param(2, 3, 37, 24, 8, 20, marks=pytest.mark.slow),  # T not a multiple of the block; v dim != qk dim
+        pytest.param(1, 8, 20, 32, 16, 32, marks=pytest.mark.slow),  # eight heads
+        (1, 2, 33, 48, 16, 32),  # DeepSeek's proportions (nope > v, rope = nope / 3), shrunk
+    ],
+)
 def test_causal_attention_matches_reference(device, dtype, b, h, t, dn, dr, dv, poisoned):
     torch.manual_seed(t + h)
     _compare(_inputs(b, h, t, t, dn, dr, dv, device, dtype), dtype, (dn + dr) ** -0.5, None)
@@ -77,12 +80,15 @@ def test_explicit_mask_with_padding_and_a_cache_offset(device, dtype, poisoned):
 
 
 @pytest.mark.parametrize("device,dtype", devices_and_dtypes())
-@pytest.mark.parametrize("b,h,t,s,r,splits", [
-    (1, 1, 1, 1, 32, None),     # a one-token cache
-    (2, 4, 1, 53, 40, 3),       # three splits of an odd cache length
-    (1, 5, 1, 70, 64, None),    # splits chosen by the launcher
-    (2, 2, 3, 29, 32, 2),       # three new tokens: causal at the end of the cache (an explicit mask)
-])
+@pytest.mark.parametrize(
+    "b,h,t,s,r,splits",
+    [
+        (1, 1, 1, 1, 32, None),  # a one-token cache
+        (2, 4, 1, 53, 40, 3),  # three splits of an odd cache length
+        (1, 5, 1, 70, 64, None),  # splits chosen by the launcher
+        (2, 2, 3, 29, 32, 2),  # three new tokens: causal at the end of the cache (an explicit mask)
+    ],
+)
 def test_decode_over_the_latent_cache(device, dtype, b, h, t, s, r, splits, poisoned):
     torch.manual_seed(s)
     ql, qr = torch.randn(b, h, t, r, device=device, dtype=dtype), torch.randn(b, h, t, 16, device=device, dtype=dtype)
@@ -92,8 +98,12 @@ def test_decode_over_the_latent_cache(device, dtype, b, h, t, s, r, splits, pois
     if t > 1:
         pos_q, pos_k = torch.arange(t, device=device) + s - t, torch.arange(s, device=device)
         mask = (pos_k[None, :] <= pos_q[:, None])[None, None]
-    assert_close_dot(mla_decode_triton(ql, qr, c, kr, scale, mask=mask, num_splits=splits),
-           mla_decode_reference(ql, qr, c, kr, scale, mask=mask), dtype, "decode")
+    assert_close_dot(
+        mla_decode_triton(ql, qr, c, kr, scale, mask=mask, num_splits=splits),
+        mla_decode_reference(ql, qr, c, kr, scale, mask=mask),
+        dtype,
+        "decode",
+    )
 
 
 def test_decode_with_a_padding_mask():
@@ -103,5 +113,9 @@ def test_decode_with_a_padding_mask():
     c, kr = torch.randn(2, 40, 32, device=device), torch.randn(2, 40, 8, device=device)
     mask = torch.ones(2, 1, 1, 40, dtype=torch.bool, device=device)
     mask[0, ..., :17] = False
-    assert_close_dot(mla_decode_triton(ql, qr, c, kr, 0.2, mask=mask, num_splits=4),
-           mla_decode_reference(ql, qr, c, kr, 0.2, mask=mask), torch.float32, "decode")
+    assert_close_dot(
+        mla_decode_triton(ql, qr, c, kr, 0.2, mask=mask, num_splits=4),
+        mla_decode_reference(ql, qr, c, kr, 0.2, mask=mask),
+        torch.float32,
+        "decode",
+    )

@@ -59,8 +59,15 @@ def test_apply_to_transformers_keeps_qwen2_logits_and_gradients(monkeypatch):
         monkeypatch.setitem(kernels.ops._TRITON_OPS, op, lambda *a, _fn=fn, _op=op: called.add(_op) or _fn(*a))
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = Qwen2Config(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     cfg._attn_implementation = "eager"
     plain = Qwen2ForCausalLM(cfg)
     patched = Qwen2ForCausalLM(cfg)
@@ -139,8 +146,9 @@ def _few_records(src, dst, n):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_kernels_option_runs_the_kernels_in_fine_tuning_stages(stage, sft_model_dir, synthetic_dir, tmp_path,
-                                                               monkeypatch):
+def test_kernels_option_runs_the_kernels_in_fine_tuning_stages(
+    stage, sft_model_dir, synthetic_dir, tmp_path, monkeypatch
+):
     """`sft/dpo --kernels triton` runs Triton ops (the model is built before the option applies), the
     checkpoint records the backend that ran, and the process's setting is back afterwards."""
     import json
@@ -153,9 +161,28 @@ def test_kernels_option_runs_the_kernels_in_fine_tuning_stages(stage, sft_model_
     data = _few_records(synthetic_dir / f"{stage}_train.jsonl", tmp_path / "data.jsonl", 4)
     main = {"sft": sft.main, "dpo": dpo.main}[stage]
     extra = ["--reference", "model"] if stage == "dpo" else []
-    summary = main(["--init", str(sft_model_dir), "--data", str(data), "--out", str(tmp_path / "run"),
-                    "--seq-len", "32", "--batch-size", "2", "--max-steps", "1", "--eval-every", "0", "--no-progress",
-                    "--kernels", "triton", *extra])
+    summary = main(
+        [
+            "--init",
+            str(sft_model_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "1",
+            "--eval-every",
+            "0",
+            "--no-progress",
+            "--kernels",
+            "triton",
+            *extra,
+        ]
+    )
     assert {"rms_norm", "swiglu", "apply_rope"} <= called
     assert summary["kernels"] == "triton"
     args = json.loads((tmp_path / "run" / "checkpoints" / "step_0000001" / "train_args.json").read_text())

@@ -26,8 +26,9 @@ def _weights(e, hidden, inter, device, dtype):
     return w_gate_up, w_down
 
 
-@pytest.mark.parametrize("n,e,k,empty", [(1, 1, 1, ()), (37, 7, 3, (5,)), (300, 13, 4, (0, 12)), (6, 64, 2, ()),
-                                         (0, 5, 2, ())])
+@pytest.mark.parametrize(
+    "n,e,k,empty", [(1, 1, 1, ()), (37, 7, 3, (5,)), (300, 13, 4, (0, 12)), (6, 64, 2, ()), (0, 5, 2, ())]
+)
 def test_dispatch_is_the_stable_sort_by_expert(n, e, k, empty):
     device = "cuda" if ON_GPU else "cpu"
     idx, _ = _routing(n, e, k, device, empty)
@@ -43,12 +44,15 @@ def test_dispatch_is_the_stable_sort_by_expert(n, e, k, empty):
 
 
 @pytest.mark.parametrize("device,dtype", devices_and_dtypes())
-@pytest.mark.parametrize("n,hidden,inter,e,k,empty", [
-    (1, 16, 8, 3, 1, ()),            # one token
-    pytest.param(37, 48, 40, 7, 3, (5,), marks=pytest.mark.slow),  # prime expert count, an expert without tokens
-    pytest.param(23, 33, 20, 5, 4, (), marks=pytest.mark.slow),  # odd hidden and expert widths, top-4
-    (9, 32, 24, 11, 2, (1, 2, 3)),   # fewer tokens than a tile for every expert
-])
+@pytest.mark.parametrize(
+    "n,hidden,inter,e,k,empty",
+    [
+        (1, 16, 8, 3, 1, ()),  # one token
+        pytest.param(37, 48, 40, 7, 3, (5,), marks=pytest.mark.slow),  # prime expert count, an expert without tokens
+        pytest.param(23, 33, 20, 5, 4, (), marks=pytest.mark.slow),  # odd hidden and expert widths, top-4
+        (9, 32, 24, 11, 2, (1, 2, 3)),  # fewer tokens than a tile for every expert
+    ],
+)
 def test_moe_experts_match_the_loop(device, dtype, n, hidden, inter, e, k, empty, poisoned):
     torch.manual_seed(n + e)
     x = torch.randn(n, hidden, device=device, dtype=dtype, requires_grad=True)
@@ -79,8 +83,9 @@ def test_grouped_mlp_on_presorted_rows(device, dtype, poisoned):
     assert_close_dot(out, ref, dtype, "output")
     dy = torch.randn_like(ref)
     inputs = (x, w_gate_up, w_down)
-    for g, w, what in zip(torch.autograd.grad(out, inputs, dy), torch.autograd.grad(ref, inputs, dy),
-                          ("dx", "d w_gate_up", "d w_down")):
+    for g, w, what in zip(
+        torch.autograd.grad(out, inputs, dy), torch.autograd.grad(ref, inputs, dy), ("dx", "d w_gate_up", "d w_down")
+    ):
         assert_close_dot(g, w, dtype, what)
 
 
@@ -106,8 +111,7 @@ def test_moe_layer_triton_equals_torch():
 
     device = "cuda" if ON_GPU else "cpu"
     torch.manual_seed(0)
-    kw = dict(vocab_size=64, n_routed_experts=7, num_experts_per_tok=3, n_group=1, topk_group=1,
-              n_shared_experts=1)
+    kw = dict(vocab_size=64, n_routed_experts=7, num_experts_per_tok=3, n_group=1, topk_group=1, n_shared_experts=1)
     ref = DeepSeekMoE(make_config("moe", "micro", **kw)).to(device)
     tri = DeepSeekMoE(make_config("moe", "micro", **kw)).to(device)
     for p in ref.parameters():  # the block alone is not initialised (the model's init_weights does that)

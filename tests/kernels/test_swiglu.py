@@ -15,8 +15,9 @@ def test_swiglu_matches_reference(device, dtype, shape, poisoned):
     out, ref = swiglu_triton(g, u), swiglu_reference(g, u)
     assert_close(out, ref, dtype, "output")
     dc = torch.randn_like(ref)
-    for a, b, what in zip(torch.autograd.grad(out, (g, u), dc), torch.autograd.grad(ref, (g, u), dc),
-                          ("d gate", "d up")):
+    for a, b, what in zip(
+        torch.autograd.grad(out, (g, u), dc), torch.autograd.grad(ref, (g, u), dc), ("d gate", "d up")
+    ):
         assert_close(a, b, dtype, what)
 
 

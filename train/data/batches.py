@@ -20,8 +20,9 @@ class BatchOrder:
     data-parallel ranks never see the same row in a step and the global batch equals a 1-rank run's.
     """
 
-    def __init__(self, num_rows: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True):
+    def __init__(
+        self, num_rows: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+    ):
         global_batch = batch_size * world_size
         if num_rows < global_batch:
             raise UserError(

@@ -37,8 +37,9 @@ def _images_fit(ids, image_id: int, n_images: int, image_tokens: int) -> bool:
     return n_images == 0 or sum(1 for i in ids if i == image_id) == n_images * image_tokens
 
 
-def build_sft_examples(tokenizer, conversations: list[Conversation], max_len: int,
-                       image_tokens: int = 0) -> tuple[list[SFTExample], int]:
+def build_sft_examples(
+    tokenizer, conversations: list[Conversation], max_len: int, image_tokens: int = 0
+) -> tuple[list[SFTExample], int]:
     """(examples, number dropped because no assistant token, or not every image token, fits in
     max_len + 1 tokens). With `image_tokens` (a VLM) each <|image|> expands to that many tokens."""
     out, dropped = [], 0
@@ -151,6 +152,7 @@ def pad_collate(pad_id: int):
 
 # ---------------------------------------------------------------- DPO pairs
 
+
 @dataclass
 class DPOExample:
     prompt: np.ndarray  # int32 tokens of the rendered prompt, generation header included
@@ -159,8 +161,9 @@ class DPOExample:
     images: tuple = ()
 
 
-def build_dpo_examples(tokenizer, pairs: list[PreferencePair], max_len: int,
-                       image_tokens: int = 0) -> tuple[list[DPOExample], int]:
+def build_dpo_examples(
+    tokenizer, pairs: list[PreferencePair], max_len: int, image_tokens: int = 0
+) -> tuple[list[DPOExample], int]:
     """Prompt rendered with the generation prompt (thinking on: the completion carries its own
     <think> block), completions followed by <|im_end|>. Truncation keeps the prompt and cuts the
     completion's end; a pair whose prompt leaves no room for a completion token is dropped."""
@@ -201,7 +204,7 @@ class DPODataset:
         for name, completion in (("chosen", e.chosen), ("rejected", e.rejected)):
             ids = np.concatenate([e.prompt, completion])
             trained = np.zeros(len(ids), dtype=bool)
-            trained[len(e.prompt):] = True
+            trained[len(e.prompt) :] = True
             r = _row(ids, trained)
             row[f"{name}_input_ids"], row[f"{name}_targets"] = r["input_ids"], r["targets"]
         if self.ref is not None:
@@ -216,8 +219,11 @@ def dpo_collate(pad_id: int):
     pad = pad_collate(pad_id)
 
     def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        seqs = [{"input_ids": r[f"{k}_input_ids"], "targets": r[f"{k}_targets"]}
-                for k in ("chosen", "rejected") for r in rows]
+        seqs = [
+            {"input_ids": r[f"{k}_input_ids"], "targets": r[f"{k}_targets"]}
+            for k in ("chosen", "rejected")
+            for r in rows
+        ]
         batch = pad(seqs)
         batch["index"] = torch.stack([r["index"] for r in rows])
         if "pixel_values" in rows[0]:  # the chosen rows' images, then the rejected rows' (the same prompts)

@@ -31,8 +31,26 @@ COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"
 OBJECTS = ["ball", "kite", "book", "hat", "box", "cup", "boat", "drum", "lamp", "bike"]
 PLACES = ["park", "garden", "beach", "forest", "market", "school", "river", "farm", "library", "hill"]
 FOODS = ["apples", "bread", "soup", "cake", "rice", "pears", "cheese", "carrots"]
-WORDS = ["river", "garden", "planet", "window", "yellow", "basket", "candle", "rocket", "silver",
-         "pencil", "forest", "little", "button", "dragon", "marble", "castle", "winter", "summer"]
+WORDS = [
+    "river",
+    "garden",
+    "planet",
+    "window",
+    "yellow",
+    "basket",
+    "candle",
+    "rocket",
+    "silver",
+    "pencil",
+    "forest",
+    "little",
+    "button",
+    "dragon",
+    "marble",
+    "castle",
+    "winter",
+    "summer",
+]
 
 
 def _is_eval(key: str) -> bool:
@@ -40,6 +58,7 @@ def _is_eval(key: str) -> bool:
 
 
 # ---------------------------------------------------------------- pretraining text
+
 
 def _story(rng: random.Random) -> str:
     a, b = rng.sample(NAMES, 2)
@@ -51,7 +70,7 @@ def _story(rng: random.Random) -> str:
         f"Once upon a time, a little {animal} lived near the {place}. Every morning the {animal} ate {food}. "
         f"One day {a} found the {animal} and gave it {n} more {food}. The {animal} was very happy.",
         f"{a} and {b} went to the {place}. {a} saw {n} {animal}s and {b} saw a {color} {obj}. "
-        f"\"Look!\" said {b}. \"The {obj} is {color}.\" They laughed and sat down to eat {food}.",
+        f'"Look!" said {b}. "The {obj} is {color}." They laughed and sat down to eat {food}.',
         f"The {color} {animal} ran across the {place}. It was looking for {food}. {a} called to it, "
         f"and the {animal} stopped. {a} shared the {food}, and the {animal} stayed all day.",
         f"{a} counted the {obj}s in the {place}. There were {n}. {b} brought {n - 1} more. "
@@ -114,7 +133,7 @@ def addition_steps(a: int, b: int, forget_carry: bool = False) -> tuple[list[str
 
 
 def name_digits(n: int, width: int) -> str:
-    """"Digits of 807: hundreds 8, tens 0, ones 7." (zero-padded to `width` places), so a column step
+    """ "Digits of 807: hundreds 8, tens 0, ones 7." (zero-padded to `width` places), so a column step
     finds a digit by its place name instead of by counting from the end of the number."""
     named = [f"{PLACE_NAMES[i]} {d}" for i, d in enumerate(_digits(n, width))]
     return f"Digits of {n}: " + ", ".join(reversed(named)) + "."
@@ -177,15 +196,21 @@ def arithmetic_problem(a: int, b: int, op: str, wrong: bool = False) -> tuple[st
     if op == "+":
         steps, value = addition_steps(a, b, forget_carry=wrong)
         width = max(len(str(a)), len(str(b)))
-        header = [f"Add {a} and {b} column by column, from the ones place.", name_digits(a, width),
-                  name_digits(b, width)]
+        header = [
+            f"Add {a} and {b} column by column, from the ones place.",
+            name_digits(a, width),
+            name_digits(b, width),
+        ]
     else:
         big, small = max(a, b), min(a, b)
         steps, value = subtraction_steps(big, small, forget_borrow=wrong)
         comparison, _ = compare_steps(a, b)
         if a < b:
-            header = [comparison, f"{a} is smaller, so the result is negative. "
-                                  f"Subtract {small} from {big} column by column, from the ones place."]
+            header = [
+                comparison,
+                f"{a} is smaller, so the result is negative. "
+                f"Subtract {small} from {big} column by column, from the ones place.",
+            ]
             value = -value
         else:
             header = [comparison, f"Subtract {small} from {big} column by column, from the ones place."]
@@ -216,6 +241,7 @@ def _wrong_variant(a: int, b: int, op: str, rng: random.Random) -> tuple[str, st
 
 # ---------------------------------------------------------------- non-arithmetic chat tasks
 
+
 def chat_task(rng: random.Random) -> tuple[str, str, str, str]:
     """(key, question, reasoning, answer) for a small task with an exact answer."""
     kind = rng.randrange(3)
@@ -223,8 +249,12 @@ def chat_task(rng: random.Random) -> tuple[str, str, str, str]:
         w = rng.choice(WORDS + NAMES).lower()
         letters = " ".join(w)
         rev = w[::-1]
-        return (f"rev:{w}", f"Spell the word \"{w}\" backwards.",
-                f"The letters are {letters}.\nIn reverse order: {' '.join(rev)}.", rev)
+        return (
+            f"rev:{w}",
+            f'Spell the word "{w}" backwards.',
+            f"The letters are {letters}.\nIn reverse order: {' '.join(rev)}.",
+            rev,
+        )
     if kind == 1:
         x, y = rng.sample(range(0, 1000), 2)
         reasoning, bigger = compare_steps(x, y)
@@ -232,8 +262,12 @@ def chat_task(rng: random.Random) -> tuple[str, str, str, str]:
     w = rng.choice(WORDS)
     ch = rng.choice(sorted(set(w)))
     n = w.count(ch)
-    return (f"cnt:{w}:{ch}", f"How many times does the letter \"{ch}\" appear in \"{w}\"?",
-            f"The letters are {' '.join(w)}.\nThe letter {ch} appears {n} time{'s' if n != 1 else ''}.", str(n))
+    return (
+        f"cnt:{w}:{ch}",
+        f'How many times does the letter "{ch}" appear in "{w}"?',
+        f"The letters are {' '.join(w)}.\nThe letter {ch} appears {n} time{'s' if n != 1 else ''}.",
+        str(n),
+    )
 
 
 def sft_example(rng: random.Random) -> tuple[str, dict]:
@@ -245,9 +279,13 @@ def sft_example(rng: random.Random) -> tuple[str, dict]:
         key = f"{a}{op}{b}"
     else:
         key, q, reasoning, answer = chat_task(rng)
-    record = {"messages": [{"role": "user", "content": q},
-                           {"role": "assistant", "content": assistant_text(reasoning, answer, think)}],
-              "answer": answer}
+    record = {
+        "messages": [
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": assistant_text(reasoning, answer, think)},
+        ],
+        "answer": answer,
+    }
     return key, record
 
 
@@ -255,14 +293,17 @@ def dpo_example(rng: random.Random) -> tuple[str, dict]:
     a, b, op = _operands(rng)
     q, reasoning, answer, _ = arithmetic_problem(a, b, op)
     bad_reasoning, bad_answer = _wrong_variant(a, b, op, rng)
-    record = {"prompt": [{"role": "user", "content": q}],
-              "chosen": assistant_text(reasoning, answer, True),
-              "rejected": assistant_text(bad_reasoning, bad_answer, True),
-              "answer": answer}
+    record = {
+        "prompt": [{"role": "user", "content": q}],
+        "chosen": assistant_text(reasoning, answer, True),
+        "rejected": assistant_text(bad_reasoning, bad_answer, True),
+        "answer": answer,
+    }
     return f"{a}{op}{b}", record
 
 
 # ---------------------------------------------------------------- splits and files
+
 
 def _split(make: Callable[[random.Random], tuple[str, dict]], rng: random.Random, n_train: int, n_eval: int):
     """Draw records until both splits are full; a key seen once is never used again (no duplicates)."""
@@ -283,8 +324,14 @@ def _split(make: Callable[[random.Random], tuple[str, dict]], rng: random.Random
     return train, evals
 
 
-def generate(out_dir: str | Path, seed: int = 0, pretrain_docs: int = 20000, sft: int = 4000, dpo: int = 2000,
-             eval_fraction: float = 0.05) -> dict[str, Path]:
+def generate(
+    out_dir: str | Path,
+    seed: int = 0,
+    pretrain_docs: int = 20000,
+    sft: int = 4000,
+    dpo: int = 2000,
+    eval_fraction: float = 0.05,
+) -> dict[str, Path]:
     """Write the six JSONL files into out_dir and return their paths by name."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

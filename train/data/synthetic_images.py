@@ -22,11 +22,22 @@ import numpy as np
 
 from models.chat_format import IMAGE, assistant_text
 
-COLORS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (45, 85, 215), "yellow": (235, 205, 40),
-          "purple": (135, 60, 180), "orange": (240, 135, 30)}
+COLORS = {
+    "red": (215, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (45, 85, 215),
+    "yellow": (235, 205, 40),
+    "purple": (135, 60, 180),
+    "orange": (240, 135, 30),
+}
 SHAPES = ("circle", "square", "triangle")
-POSITIONS = {"top left": (0.27, 0.27), "top right": (0.73, 0.27), "bottom left": (0.27, 0.73),
-             "bottom right": (0.73, 0.73), "center": (0.5, 0.5)}
+POSITIONS = {
+    "top left": (0.27, 0.27),
+    "top right": (0.73, 0.27),
+    "bottom left": (0.27, 0.73),
+    "bottom right": (0.73, 0.73),
+    "center": (0.5, 0.5),
+}
 NUMBER_WORDS = {1: "One", 2: "Two", 3: "Three", 4: "Four"}
 QUESTIONS = {
     "color": ("What color is the shape?", "What color are the shapes?"),
@@ -61,8 +72,14 @@ def render(spec: dict, size: int, rng: random.Random):
         fx, fy = POSITIONS[spec["position"]]
         r = size * rng.uniform(0.14, 0.2)
         jitter = size * 0.04
-        _draw(draw, spec["shape"], fx * size + rng.uniform(-jitter, jitter), fy * size + rng.uniform(-jitter, jitter),
-              r, fill)
+        _draw(
+            draw,
+            spec["shape"],
+            fx * size + rng.uniform(-jitter, jitter),
+            fy * size + rng.uniform(-jitter, jitter),
+            r,
+            fill,
+        )
     else:  # small copies in distinct cells of a 3 x 3 grid
         cells = rng.sample(range(9), spec["count"])
         r = size * 0.14
@@ -74,8 +91,13 @@ def render(spec: dict, size: int, rng: random.Random):
 
 def random_spec(rng: random.Random) -> dict:
     count = 1 if rng.random() < 0.6 else rng.randint(2, 4)
-    return {"shape": rng.choice(SHAPES), "color": rng.choice(sorted(COLORS)), "count": count,
-            "position": rng.choice(sorted(POSITIONS)) if count == 1 else None, "noisy": rng.random() < 0.3}
+    return {
+        "shape": rng.choice(SHAPES),
+        "color": rng.choice(sorted(COLORS)),
+        "count": count,
+        "position": rng.choice(sorted(POSITIONS)) if count == 1 else None,
+        "noisy": rng.random() < 0.3,
+    }
 
 
 def caption(spec: dict) -> str:
@@ -87,8 +109,9 @@ def caption(spec: dict) -> str:
 
 
 def answer(spec: dict, kind: str) -> str:
-    return {"color": spec["color"], "shape": spec["shape"], "position": spec["position"],
-            "count": str(spec["count"])}[kind]
+    return {"color": spec["color"], "shape": spec["shape"], "position": spec["position"], "count": str(spec["count"])}[
+        kind
+    ]
 
 
 def kinds_for(spec: dict) -> list[str]:
@@ -101,13 +124,18 @@ def question(spec: dict, kind: str) -> str:
 
 
 def wrong_answer(spec: dict, kind: str, rng: random.Random) -> str:
-    pool = {"color": sorted(COLORS), "shape": list(SHAPES), "position": sorted(POSITIONS),
-            "count": ["1", "2", "3", "4"]}[kind]
+    pool = {
+        "color": sorted(COLORS),
+        "shape": list(SHAPES),
+        "position": sorted(POSITIONS),
+        "count": ["1", "2", "3", "4"],
+    }[kind]
     return rng.choice([x for x in pool if x != answer(spec, kind)])
 
 
-def generate_images(out_dir: str | Path, seed: int = 0, train: int = 2000, held_out: int = 200,
-                    size: int = 32) -> dict[str, Path]:
+def generate_images(
+    out_dir: str | Path, seed: int = 0, train: int = 2000, held_out: int = 200, size: int = 32
+) -> dict[str, Path]:
     """Write images/ and the jsonl files: vlm_caption_{train,eval}, vlm_sft_{train,eval} (QA with an
     'answer' and 'kind'), vlm_dpo_{train,eval}. Returns their paths."""
     out = Path(out_dir)
@@ -121,22 +149,42 @@ def generate_images(out_dir: str | Path, seed: int = 0, train: int = 2000, held_
             rel = f"images/{split}_{i:05d}.png"
             render(spec, size, rng).save(out / rel)
             cap = caption(spec)
-            captions.append({"messages": [{"role": "user", "content": f"{IMAGE}\nDescribe the image."},
-                                          {"role": "assistant", "content": assistant_text("", cap, False)}],
-                             "images": [rel]})
+            captions.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"{IMAGE}\nDescribe the image."},
+                        {"role": "assistant", "content": assistant_text("", cap, False)},
+                    ],
+                    "images": [rel],
+                }
+            )
             kinds = kinds_for(spec) if split == "eval" else [rng.choice(kinds_for(spec))]
             for kind in kinds:
                 q, a = question(spec, kind), answer(spec, kind)
                 think = split == "eval" or rng.random() >= 0.2
-                sft.append({"messages": [{"role": "user", "content": f"{IMAGE}\n{q}"},
-                                         {"role": "assistant", "content": assistant_text(cap, a, think)}],
-                            "images": [rel], "answer": a, "kind": kind})
+                sft.append(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"{IMAGE}\n{q}"},
+                            {"role": "assistant", "content": assistant_text(cap, a, think)},
+                        ],
+                        "images": [rel],
+                        "answer": a,
+                        "kind": kind,
+                    }
+                )
             kind = rng.choice(kinds_for(spec))
             q, a = question(spec, kind), answer(spec, kind)
-            dpo.append({"prompt": [{"role": "user", "content": f"{IMAGE}\n{q}"}], "images": [rel],
-                        "chosen": assistant_text(cap, a, True),
-                        "rejected": assistant_text(cap, wrong_answer(spec, kind, rng), True),
-                        "answer": a, "kind": kind})
+            dpo.append(
+                {
+                    "prompt": [{"role": "user", "content": f"{IMAGE}\n{q}"}],
+                    "images": [rel],
+                    "chosen": assistant_text(cap, a, True),
+                    "rejected": assistant_text(cap, wrong_answer(spec, kind, rng), True),
+                    "answer": a,
+                    "kind": kind,
+                }
+            )
         for name, records in (("vlm_caption", captions), ("vlm_sft", sft), ("vlm_dpo", dpo)):
             p = out / f"{name}_{split}.jsonl"
             p.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -37,6 +37,7 @@ SPLIT_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+
 def iter_training_text(paths: Iterable[str | Path]) -> Iterator[str]:
     """Text for tokenizer training from .txt files and .jsonl files (text, messages, or DPO pairs)."""
     for p in paths:
@@ -137,5 +138,7 @@ def tokenizer_dir_for(checkpoint) -> Path:
 
 def check_vocab(tokenizer, model, where) -> None:
     if len(tokenizer) > model.config.vocab_size:
-        raise UserError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-                        f"{model.config.vocab_size}; they do not belong together")
+        raise UserError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}; they do not belong together"
+        )

@@ -47,8 +47,17 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def save_checkpoint(out_dir: Path, step: int, engine, config, client_state: dict, args: dict,
-                    tokenizer_dir: Path | None, keep: int, is_main: bool) -> Path:
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    engine,
+    config,
+    client_state: dict,
+    args: dict,
+    tokenizer_dir: Path | None,
+    keep: int,
+    is_main: bool,
+) -> Path:
     """Every rank calls this (DeepSpeed shards and ZeRO-3 gathers need all of them)."""
     root = out_dir / "checkpoints"
     final = root / checkpoint_name(step)

@@ -43,8 +43,9 @@ def _unlink_shm_buffer(device: torch.device) -> None:
 
 
 class DeepSpeedEngine:
-    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, device: torch.device, config_path: str,
-                 micro_batch: int):
+    def __init__(
+        self, model: torch.nn.Module, cfg: OptimConfig, device: torch.device, config_path: str, micro_batch: int
+    ):
         ensure_launcher_env()
         import deepspeed
         from deepspeed.utils import logger as ds_logger
@@ -56,9 +57,17 @@ class DeepSpeedEngine:
         world = dist_info()[2]
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.config = resolve_ds_config(
-            load_ds_config(config_path), path=str(config_path), micro_batch=micro_batch,
-            grad_accum=cfg.grad_accum, world_size=world, grad_clip=cfg.grad_clip, lr=cfg.lr,
-            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, bf16=bf16,
+            load_ds_config(config_path),
+            path=str(config_path),
+            micro_batch=micro_batch,
+            grad_accum=cfg.grad_accum,
+            world_size=world,
+            grad_clip=cfg.grad_clip,
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            bf16=bf16,
             hidden_size=model.config.hidden_size,
         )
         self.stage = zero_stage(self.config)
@@ -68,7 +77,9 @@ class DeepSpeedEngine:
 
             set_z3_leaf_modules(model, list(leaf))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.weight_decay), config=self.config,
+            model=model,
+            model_parameters=param_groups(model, cfg.weight_decay),
+            config=self.config,
             lr_scheduler=schedule(cfg),
         )
         self.module = self.engine
@@ -94,8 +105,9 @@ class DeepSpeedEngine:
         return float(norm) if norm is not None else float("nan")
 
     def save_state(self, ckpt_dir: Path, client_state: dict, is_main: bool) -> None:
-        self.engine.save_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, client_state=client_state,
-                                    save_latest=False)
+        self.engine.save_checkpoint(
+            str(ckpt_dir.parent), tag=ckpt_dir.name, client_state=client_state, save_latest=False
+        )
 
     def load_state(self, ckpt_dir: Path) -> dict:
         path, client = self.engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
@@ -131,9 +143,12 @@ class DeepSpeedEngine:
 
         model.requires_grad_(False)
         micro = self.config["train_micro_batch_size_per_gpu"]
-        config = {"train_micro_batch_size_per_gpu": micro, "train_batch_size": micro * dist_info()[2],
-                  "bf16": {"enabled": self.config["bf16"]["enabled"]},
-                  "zero_optimization": {"stage": 3 if self.stage == 3 else 0}}
+        config = {
+            "train_micro_batch_size_per_gpu": micro,
+            "train_batch_size": micro * dist_info()[2],
+            "bf16": {"enabled": self.config["bf16"]["enabled"]},
+            "zero_optimization": {"stage": 3 if self.stage == 3 else 0},
+        }
         engine, *_ = deepspeed.initialize(model=model, config=config)
         engine.eval()
         return engine

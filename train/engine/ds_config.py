@@ -49,21 +49,38 @@ def _fill(section: dict, key: str, value, where: str, option: str) -> None:
     if current == AUTO:
         section[key] = value
     elif current != value:
-        raise UserError(f"{where}: \"{key}\" is {json.dumps(current)} but {option} gives {json.dumps(value)}; "
-                        f"set it to \"auto\" or change {option}")
+        raise UserError(
+            f'{where}: "{key}" is {json.dumps(current)} but {option} gives {json.dumps(value)}; '
+            f'set it to "auto" or change {option}'
+        )
 
 
-def resolve_ds_config(raw: dict, *, path: str, micro_batch: int, grad_accum: int, world_size: int,
-                      grad_clip: float, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                      bf16: bool, hidden_size: int) -> dict:
+def resolve_ds_config(
+    raw: dict,
+    *,
+    path: str,
+    micro_batch: int,
+    grad_accum: int,
+    world_size: int,
+    grad_clip: float,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    bf16: bool,
+    hidden_size: int,
+) -> dict:
     cfg = copy.deepcopy(raw)
     if "scheduler" in cfg:
-        raise UserError(f"{path}: \"scheduler\" must not be set: the schedule comes from --lr, --warmup-steps, "
-                        "--max-steps and --min-lr-ratio")
+        raise UserError(
+            f'{path}: "scheduler" must not be set: the schedule comes from --lr, --warmup-steps, '
+            "--max-steps and --min-lr-ratio"
+        )
     _fill(cfg, "train_micro_batch_size_per_gpu", micro_batch, path, "--batch-size")
     _fill(cfg, "gradient_accumulation_steps", grad_accum, path, "--grad-accum")
-    _fill(cfg, "train_batch_size", micro_batch * grad_accum * world_size, path,
-          "--batch-size x --grad-accum x world size")
+    _fill(
+        cfg, "train_batch_size", micro_batch * grad_accum * world_size, path, "--batch-size x --grad-accum x world size"
+    )
     _fill(cfg, "gradient_clipping", grad_clip, path, "--grad-clip")
     opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = opt.setdefault("params", {})
@@ -73,16 +90,18 @@ def resolve_ds_config(raw: dict, *, path: str, micro_batch: int, grad_accum: int
     _fill(params, "weight_decay", weight_decay, f"{path}: optimizer.params", "--weight-decay")
     _fill(cfg.setdefault("bf16", {}), "enabled", bf16, f"{path}: bf16", "the device (bf16 on CUDA, fp32 on CPU)")
     if cfg.get("fp16", {}).get("enabled") is True:
-        raise UserError(f"{path}: fp16 is not supported; use bf16 (\"bf16\": {{\"enabled\": \"auto\"}})")
+        raise UserError(f'{path}: fp16 is not supported; use bf16 ("bf16": {{"enabled": "auto"}})')
     zero = cfg.setdefault("zero_optimization", {})
-    for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
-                       ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
-                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+    for key, value in (
+        ("reduce_bucket_size", hidden_size * hidden_size),
+        ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+        ("stage3_param_persistence_threshold", 10 * hidden_size),
+    ):
         if zero.get(key) == AUTO:
             zero[key] = value
     leftover = _find_auto(cfg)
     if leftover:
-        raise UserError(f"{path}: \"{leftover}\" is \"auto\" but nothing fills it; give a value")
+        raise UserError(f'{path}: "{leftover}" is "auto" but nothing fills it; give a value')
     return cfg
 
 

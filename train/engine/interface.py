@@ -41,13 +41,21 @@ class Engine(Protocol):
         """An inference-only copy of another model beside the trained one (DPO's reference)."""
 
 
-def make_engine(model: torch.nn.Module, cfg: OptimConfig, device: torch.device, deepspeed_config: str | None,
-                micro_batch: int, expert_parallel_size: int = 1) -> Engine:
+def make_engine(
+    model: torch.nn.Module,
+    cfg: OptimConfig,
+    device: torch.device,
+    deepspeed_config: str | None,
+    micro_batch: int,
+    expert_parallel_size: int = 1,
+) -> Engine:
     """A DeepSpeed engine when a --deepspeed config is given, else the plain PyTorch engine.
     deepspeed is imported only in the first case."""
     if expert_parallel_size > 1 and deepspeed_config:
-        raise UserError("--expert-parallel-size runs on the PyTorch engine (torchrun, or the deepspeed launcher "
-                        "without --deepspeed); under --deepspeed the MoE model's experts are ZeRO-partitioned instead")
+        raise UserError(
+            "--expert-parallel-size runs on the PyTorch engine (torchrun, or the deepspeed launcher "
+            "without --deepspeed); under --deepspeed the MoE model's experts are ZeRO-partitioned instead"
+        )
     if deepspeed_config:
         from .deepspeed_engine import DeepSpeedEngine
 

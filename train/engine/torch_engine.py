@@ -41,12 +41,16 @@ class TorchEngine:
         if world > 1:
             if self.expert_params:
                 torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                    model, sorted(self.expert_params))
+                    model, sorted(self.expert_params)
+                )
             ids = [device.index] if device.type == "cuda" else None
             self.module = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         fused = all(p.is_cuda for p in model.parameters())
         self.optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+            param_groups(model, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
             fused=fused or None,
         )
         self.scheduler = schedule(cfg)(self.optimizer)
@@ -124,8 +128,10 @@ class TorchEngine:
 
     def save_state(self, ckpt_dir: Path, client_state: dict, is_main: bool) -> None:
         if is_main or self.ep_group is not None:  # every rank holds the same optimizer state under plain DDP
-            state = {**client_state, "engine": {"optimizer": self.optimizer.state_dict(),
-                                                "scheduler": self.scheduler.state_dict()}}
+            state = {
+                **client_state,
+                "engine": {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            }
             torch.save(state, ckpt_dir / self._state_file())
 
     def load_state(self, ckpt_dir: Path) -> dict:
@@ -133,14 +139,16 @@ class TorchEngine:
         if self.ep_group is not None:  # this rank's slice of every expert tensor
             for name, p in self.expert_params.items():
                 offset = self.model.get_submodule(name.rsplit(".", 1)[0]).offset
-                weights[name] = weights[name][offset:offset + p.shape[0]]
+                weights[name] = weights[name][offset : offset + p.shape[0]]
         load_state_strict(self.model, weights, str(ckpt_dir))
         path = ckpt_dir / self._state_file()
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
-            raise UserError(f"{ckpt_dir}: no {path.name} (was this run trained with --deepspeed, or with "
-                            "another --expert-parallel-size?)") from None
+            raise UserError(
+                f"{ckpt_dir}: no {path.name} (was this run trained with --deepspeed, or with "
+                "another --expert-parallel-size?)"
+            ) from None
         except Exception as e:  # noqa: BLE001 - any unreadable state file is the same user-facing error
             raise UserError(f"{path}: cannot read the trainer state ({e})") from None
         self.optimizer.load_state_dict(state["engine"]["optimizer"])

@@ -75,10 +75,21 @@ def target_tokens(batch: dict) -> float:
 
 
 class Trainer:
-    def __init__(self, model: TrainableModel, train_set, loss_fn: LossFn, args: TrainArgs, optim: OptimConfig,
-                 *, eval_set=None, collate_fn=collate, weight_fn: Callable[[dict], float] = target_tokens,
-                 tokenizer_dir: Path | None = None,
-                 run_config: dict | None = None, title: str = "training loss"):
+    def __init__(
+        self,
+        model: TrainableModel,
+        train_set,
+        loss_fn: LossFn,
+        args: TrainArgs,
+        optim: OptimConfig,
+        *,
+        eval_set=None,
+        collate_fn=collate,
+        weight_fn: Callable[[dict], float] = target_tokens,
+        tokenizer_dir: Path | None = None,
+        run_config: dict | None = None,
+        title: str = "training loss",
+    ):
         if args.max_steps < 1:
             raise UserError(f"--max-steps must be at least 1, got {args.max_steps}")
         self.args, self.optim_cfg = args, optim
@@ -95,8 +106,9 @@ class Trainer:
         self.title = title
         torch.manual_seed(args.seed)
         self.model = model.to(self.device)
-        self.engine = make_engine(self.model, self.optim_cfg, self.device, args.deepspeed, args.batch_size,
-                                  args.expert_parallel_size)
+        self.engine = make_engine(
+            self.model, self.optim_cfg, self.device, args.deepspeed, args.batch_size, args.expert_parallel_size
+        )
         self.order = BatchOrder(len(train_set), args.batch_size, args.seed, self.rank, self.world_size)
         self.step = 0
         self.tokens_seen = 0
@@ -105,8 +117,7 @@ class Trainer:
 
     def client_state(self) -> dict:
         """The trainer's own part of a checkpoint (the engine adds optimizer and schedule)."""
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.order.state_dict(),
-                "rng": rng_state()}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.order.state_dict(), "rng": rng_state()}
 
     def _resume(self) -> int | None:
         ckpt = latest_checkpoint(self.out)
@@ -119,10 +130,23 @@ class Trainer:
         return self.step
 
     def save(self) -> Path:
-        args = {"train": asdict(self.args), "optim": asdict(self.optim_cfg), "kernels": kernels.get_backend(),
-                **self.run_config}
-        return save_checkpoint(self.out, self.step, self.engine, self.model.config, self.client_state(), args,
-                               self.tokenizer_dir, self.args.keep_checkpoints, self.is_main)
+        args = {
+            "train": asdict(self.args),
+            "optim": asdict(self.optim_cfg),
+            "kernels": kernels.get_backend(),
+            **self.run_config,
+        }
+        return save_checkpoint(
+            self.out,
+            self.step,
+            self.engine,
+            self.model.config,
+            self.client_state(),
+            args,
+            self.tokenizer_dir,
+            self.args.keep_checkpoints,
+            self.is_main,
+        )
 
     # ------------------------------------------------------------------ loop pieces
 
@@ -243,8 +267,14 @@ class Trainer:
             if first_eval:
                 log.write({"step": 0, **first_eval})
                 summary["eval_before"] = first_eval
-        bar = tqdm(total=self.args.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (self.args.progress and self.is_main), desc=self.title)
+        bar = tqdm(
+            total=self.args.max_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.args.progress and self.is_main),
+            desc=self.title,
+        )
         t_start, tok_start = time.perf_counter(), self.tokens_seen
         rec: dict = {}
         while self.step < end:
@@ -268,8 +298,12 @@ class Trainer:
                 summary["checkpoint"] = str(self.save())
         bar.close()
         elapsed = time.perf_counter() - t_start
-        summary.update(end_step=self.step, last_loss=rec.get("loss"), seconds=elapsed,
-                       tokens_per_s=(self.tokens_seen - tok_start) / elapsed if elapsed > 0 else 0.0)
+        summary.update(
+            end_step=self.step,
+            last_loss=rec.get("loss"),
+            seconds=elapsed,
+            tokens_per_s=(self.tokens_seen - tok_start) / elapsed if elapsed > 0 else 0.0,
+        )
         if self.is_main and (self.out / "metrics.jsonl").exists():
             summary["plot"] = str(plot_losses(self.out / "metrics.jsonl", self.out / "loss.png", self.title))
         return summary
