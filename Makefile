@@ -31,15 +31,18 @@ demo: check-torch-spec
 test: check-torch-spec
 	@$(MAKE) --no-print-directory $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 test-fast: check-torch-spec
 	@$(MAKE) --no-print-directory $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
 	@mkdir -p .benchmarks
