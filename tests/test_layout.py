@@ -110,3 +110,19 @@ def test_imports_point_one_way():
         if target.split(".")[0] not in ALLOWED[name.split(".")[0]]
     ]
     assert wrong == []
+
+
+def test_no_installed_package_shares_a_name_with_ours():
+    """Hugging Face's `kernels` distribution (required by transformers >= 5.25) installs a top-level `kernels`
+    module; beside ours, one shadows the other and transformers fails deep inside an import. Our own
+    distribution is the only one that may provide kernels/, models/ or train/."""
+    import importlib.metadata as md
+
+    ours = md.distribution("llm-from-scratch").metadata["Name"]
+    foreign = {
+        name: dists for name, dists in md.packages_distributions().items() if name in PACKAGES and set(dists) - {ours}
+    }
+    assert not foreign, (
+        f"installed distributions {foreign} provide a top-level module named like one of ours; "
+        "pyproject.toml holds transformers below the version that needs them: reinstall with `make install`"
+    )
