@@ -8,6 +8,7 @@ Writes go to a temporary name in the same directory and are renamed into place.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from .registry import build_model
 
 CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "model.safetensors"
+CHECKSUMS_FILE = "checksums.json"  # SHA-256 of the weights, verified on every load
 LATEST_FILE = "latest"  # in a training run's directory: the name of the newest complete checkpoint
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -47,6 +49,20 @@ def atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
+def replace_dir(new: Path, target: Path) -> None:
+    """Put directory `new` where `target` is (same filesystem): the old target, if any, is renamed aside
+    first and removed after, so `target` always holds one whole version."""
+    if target.exists() and not any(target.iterdir()):
+        target.rmdir()
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", **(metadata or {})}))
 
@@ -64,6 +80,8 @@ def write_model_files(
     if config.tie_word_embeddings:
         state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
     save_weights({k: v.detach().contiguous().cpu() for k, v in state.items()}, out / WEIGHTS_FILE)
+    checksums = json.dumps({WEIGHTS_FILE: file_sha256(out / WEIGHTS_FILE)}, indent=2) + "\n"
+    atomic_write(out / CHECKSUMS_FILE, lambda tmp: tmp.write_text(checksums))
     atomic_write(out / CONFIG_FILE, lambda tmp: save_config(config, tmp))
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, out)
@@ -79,7 +97,30 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
             shutil.copy2(src / name, Path(dst) / name)
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checksum(path: Path) -> None:
+    """Where a checkpoint lists the file's SHA-256 (checksums.json beside it), the bytes must match it."""
+    listed = path.parent / CHECKSUMS_FILE
+    if not listed.is_file():
+        return  # checkpoints written before checksums, and transformers directories
+    try:
+        want = json.loads(listed.read_text()).get(path.name)
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{listed}: not a readable checksum list") from None
+    if want is not None and file_sha256(path) != want:
+        raise CheckpointError(f"{path}: its bytes do not match the checksum in {listed.name}; the file is damaged")
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_file():
+        verify_checksum(path)
     try:
         return load_file(str(path))
     except FileNotFoundError:
@@ -127,28 +168,39 @@ def is_zero_checkpoint(d: Path) -> bool:
 
 
 def consolidate_zero_checkpoint(d: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a DeepSpeed checkpoint directory of any ZeRO stage."""
+    """Full fp32 weights from a DeepSpeed checkpoint directory of any ZeRO stage. DeepSpeed's loader
+    unpickles the shards (torch.load with weights_only=False), which can run code: only for trusted files,
+    and only when asked for by name (`llm-scratch export --consolidate-zero`)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(d.parent), tag=d.name)
 
 
-def checkpoint_weights(d: Path) -> dict[str, torch.Tensor]:
-    """The weights of one of our checkpoints: model.safetensors, or, where a DeepSpeed run's directory
-    lacks it, the consolidation of its ZeRO shards."""
+def checkpoint_weights(d: Path, consolidate_zero: bool = False) -> dict[str, torch.Tensor]:
+    """The weights of one of our checkpoints: model.safetensors. A directory that holds only DeepSpeed
+    ZeRO shards is consolidated only when `consolidate_zero` says the caller trusts its pickled files;
+    otherwise it is an error that says how."""
     if not (d / WEIGHTS_FILE).exists() and is_zero_checkpoint(d):
+        if not consolidate_zero:
+            raise CheckpointError(
+                f"{d}: no {WEIGHTS_FILE}, only DeepSpeed ZeRO shards, which are pickled files that can run code "
+                "when loaded; if you trust them, consolidate them once with `llm-scratch export --checkpoint "
+                f"{d} --out DIR --consolidate-zero`"
+            )
         return consolidate_zero_checkpoint(d)
     return read_weights(d / WEIGHTS_FILE)
 
 
-def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_model(
+    ckpt_dir: str | Path, device: str | torch.device = "cpu", consolidate_zero: bool = False
+) -> torch.nn.Module:
     d = Path(ckpt_dir)
     try:
         config = load_config(d / CONFIG_FILE)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     model = build_model(config)
-    load_state_strict(model, checkpoint_weights(d), str(d))
+    load_state_strict(model, checkpoint_weights(d, consolidate_zero), str(d))
     return model.to(device)
 
 

@@ -3,6 +3,7 @@ repetition penalty, batched left-padded prompts, stop tokens, and a streaming ca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -28,6 +29,22 @@ def _penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) 
     scores = logits.gather(-1, seen)
     scores = torch.where(scores > 0, scores / penalty, scores * penalty)
     return logits.scatter(-1, seen, scores)
+
+
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float
+) -> None:
+    """Raise ValueError naming the first setting out of its range."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must not be negative, got {max_new_tokens}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be 0 (greedy) or positive, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1 (or unset), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be positive, got {repetition_penalty}")
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +80,13 @@ def generate(
     prompts' images, in prompt order, used by the prefill."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    longest = max(len(p) for p in prompts)
+    if longest > model.config.max_position_embeddings:
+        raise ValueError(
+            f"a prompt of {longest} tokens is longer than the model's context "
+            f"(max_position_embeddings={model.config.max_position_embeddings})"
+        )
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)

@@ -172,6 +172,9 @@ def test_loading_is_strict(tmp_path):
     del state["model.layers.1.mlp.up_proj.weight"]
     state["model.layers.9.extra"] = torch.zeros(1)
     save_file(state, str(tmp_path / "ck" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="do not match the checksum"):  # an edited file is caught first
+        load_pretrained(tmp_path / "ck")
+    (tmp_path / "ck" / "checksums.json").unlink()  # a hand-edited checkpoint without its checksum list
     with pytest.raises(CheckpointError, match="missing keys: model.layers.1.mlp.up_proj.weight.*unexpected keys"):
         load_pretrained(tmp_path / "ck")
     (tmp_path / "ck" / "model.safetensors").write_bytes(b"junk")

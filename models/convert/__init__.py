@@ -17,6 +17,9 @@ choose from.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -25,14 +28,16 @@ from ..chat_format import ENDOFTEXT, IM_END, PAD
 from ..checkpoint import (
     CONFIG_FILE,
     CheckpointError,
-    atomic_write,
     copy_tokenizer_files,
     load_model,
+    replace_dir,
     resolve_checkpoint,
 )
 from . import deepseek_v3, llava, qwen2
 
 CONVERTERS = (qwen2, deepseek_v3, llava)
+log = logging.getLogger(__name__)
+EXPORT_MARKER = "llm_scratch_export.json"  # marks a directory export wrote (it may replace it later)
 BY_MODEL_TYPE = {c.MODEL_TYPE: c for c in CONVERTERS}
 BY_HF_MODEL_TYPE = {c.HF_MODEL_TYPE: c for c in CONVERTERS}
 
@@ -50,25 +55,56 @@ def is_transformers_dir(path: Path) -> bool:
     return (path / "config.json").exists() and not (path / CONFIG_FILE).exists()
 
 
-def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
+def check_export_target(out: Path) -> None:
+    """Export writes only to a new or empty directory, or to one it exported before (replaced whole)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise CheckpointError(f"{out}: export needs a directory path that is not a file or a link")
+    if out.exists() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise CheckpointError(
+            f"{out}: not empty and not an earlier export; export goes to a new or empty directory "
+            "(or one it wrote before, which it replaces whole)"
+        )
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path, consolidate_zero: bool = False) -> Path:
     """Write a transformers checkpoint (config.json, the weights, generation_config.json and the
     tokenizer files) from one of our checkpoints or run directories (or a transformers directory, which
-    is written again in this project's layout)."""
+    is written again in this project's layout). Everything is written into a temporary directory beside
+    OUT and renamed into place, so OUT is either the old export or the new one, never a mix.
+    `consolidate_zero`: the checkpoint is a bare DeepSpeed ZeRO directory whose pickled shards the caller
+    trusts (models/checkpoint.py)."""
     p = Path(checkpoint)
     src = p if is_transformers_dir(p) else resolve_checkpoint(p)
-    model = load_pretrained(src)
+    out = Path(out_dir)
+    check_export_target(out)
+    if out.exists() and src.resolve().is_relative_to(out.resolve()):
+        raise CheckpointError(f"{out}: the checkpoint to export lies inside it")
+    model = import_hf(src) if is_transformers_dir(src) else load_model(src, consolidate_zero=consolidate_zero)
     converter = BY_MODEL_TYPE.get(model.config.model_type)
     if converter is None:
         raise CheckpointError(f"{src}: export of model type {model.config.model_type!r} is not supported")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    special = special_ids(src)
-    converter.export(model, special, out)
-    if (src / "tokenizer.json").exists():
-        copy_tokenizer_files(src, out)
-    eos = [special[t] for t in (IM_END, ENDOFTEXT) if t in special]
-    gen = {"eos_token_id": eos, "pad_token_id": special.get(PAD), "do_sample": False}
-    atomic_write(out / "generation_config.json", lambda tmp: tmp.write_text(json.dumps(gen, indent=2) + "\n"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        special = special_ids(src)
+        converter.export(model, special, tmp)
+        if (src / "tokenizer.json").exists():
+            copy_tokenizer_files(src, tmp)
+            normalizer = json.loads((src / "tokenizer.json").read_text()).get("normalizer")
+            if model.config.model_type in ("dense", "vlm") and (normalizer or {}).get("type") != "NFC":
+                log.warning(
+                    f"{src}: its tokenizer does not normalise to NFC, but transformers loads a Qwen2 export with "
+                    "Qwen2Tokenizer, which does: text that NFC changes will get other ids there"
+                )
+        eos = [special[t] for t in (IM_END, ENDOFTEXT) if t in special]
+        gen = {"eos_token_id": eos, "pad_token_id": special.get(PAD), "do_sample": False}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_from": str(src.resolve())}, indent=2) + "\n")
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -12,10 +12,12 @@ step is tested against a straightforward reimplementation instead (tests/test_vl
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from ..chat_format import IMAGE
 from ..checkpoint import CheckpointError, load_state_strict
 from ..config import VLMConfig
 from ..registry import build_model
@@ -105,6 +107,35 @@ def export(model, special: dict[str, int], out: Path) -> None:
     hf = LlavaForConditionalGeneration(hf_config(model.config, special))
     hf.load_state_dict(to_llava_state(model.state_dict(), model.config), strict=True)
     hf.save_pretrained(out)
+    write_processor(model.config, out)
+
+
+def write_processor(config: VLMConfig, out: Path) -> None:
+    """The image processor and processor configs, so `AutoProcessor.from_pretrained(out)` gives the pixel values
+    this project's image loader gives (train/data/images.py: RGB, bicubic resize to the square input, /255,
+    (x - mean) / std) and expands each <|image|> into the model's image tokens."""
+    from transformers import SiglipImageProcessor
+
+    size = config.image_size
+    SiglipImageProcessor(
+        do_resize=True,
+        size={"height": size, "width": size},
+        resample=3,  # PIL bicubic
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[config.image_mean] * 3,
+        image_std=[config.image_std] * 3,
+        do_convert_rgb=True,
+    ).save_pretrained(out)
+    processor = {
+        "processor_class": "LlavaProcessor",
+        "patch_size": config.patch_size,
+        "vision_feature_select_strategy": "full",
+        "image_token": IMAGE,
+        "num_additional_image_tokens": 0,
+    }
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
 
 def config_from_hf(hf, where: str) -> VLMConfig:
