@@ -91,3 +91,22 @@ def sft_model_dir(tmp_path_factory, synthetic_dir, tokenizer_dir):
         ]
     )
     return d / "sft"
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """cli_error(argv, needle): `llm-scratch ARGV` ends with exit status 2 and one 'error: ...' line on stderr
+    that contains needle, and no traceback. Returns the line."""
+
+    def run(argv: list[str], needle: str) -> str:
+        from train.cli import main
+
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and "Traceback" not in err, err
+        assert err.count("\n") == 1, err  # one line
+        return err
+
+    return run

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from train.cli import main as cli_main
-
 BIN = Path(sys.executable).parent
 
 
@@ -92,26 +90,14 @@ def test_demo_quick(tmp_path):
         assert (tmp_path / "demo" / export / "config.json").exists()
 
 
-def _expect_error(capsys, argv, needle):
-    with pytest.raises(SystemExit) as e:
-        cli_main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and needle in err and "Traceback" not in err
-    assert err.count("\n") == 1, err  # one line
-    return err
-
-
-def test_bad_inputs_give_one_clear_error(tmp_path, capsys, tokenizer_dir):
-    _expect_error(
-        capsys,
+def test_bad_inputs_give_one_clear_error(tmp_path, cli_error, tokenizer_dir):
+    cli_error(
         ["tokenizer", "--data", str(tmp_path / "none.txt"), "--out", str(tmp_path / "t")],
         "none.txt: data file not found",
     )
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": 12}\n')
-    _expect_error(
-        capsys,
+    cli_error(
         [
             "pretrain",
             "--data",
@@ -124,19 +110,16 @@ def test_bad_inputs_give_one_clear_error(tmp_path, capsys, tokenizer_dir):
         ],
         f"{bad}:2: field 'text' must be a string",
     )
-    _expect_error(capsys, ["pretrain", "--data", str(bad), "--out", str(tmp_path / "r")], "--tokenizer DIR is required")
-    _expect_error(
-        capsys,
+    cli_error(["pretrain", "--data", str(bad), "--out", str(tmp_path / "r")], "--tokenizer DIR is required")
+    cli_error(
         ["pretrain", "--data", str(bad), "--tokenizer", str(tmp_path), "--out", str(tmp_path / "r")],
         "not a tokenizer directory",
     )
-    _expect_error(
-        capsys,
+    cli_error(
         ["pretrain", "--data", str(bad), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "r"), "--resume"],
         "no checkpoint in",
     )
-    _expect_error(
-        capsys,
+    cli_error(
         ["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "h")],
         "no such checkpoint directory",
     )
@@ -144,7 +127,7 @@ def test_bad_inputs_give_one_clear_error(tmp_path, capsys, tokenizer_dir):
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
 def test_seq_len_longer_than_the_context_is_one_error_in_every_stage(
-    stage, tmp_path, capsys, sft_model_dir, synthetic_dir, tokenizer_dir
+    stage, tmp_path, cli_error, sft_model_dir, synthetic_dir, tokenizer_dir
 ):
     """One check shared by every stage: the micro model's context is 256 tokens."""
     if stage == "pretrain":
@@ -159,19 +142,18 @@ def test_seq_len_longer_than_the_context_is_one_error_in_every_stage(
         ]
     else:
         argv = [stage, "--init", str(sft_model_dir), "--data", str(synthetic_dir / f"{stage}_train.jsonl")]
-    _expect_error(
-        capsys,
+    cli_error(
         argv + ["--out", str(tmp_path / "r"), "--seq-len", "300", "--no-progress"],
         "--seq-len 300 is longer than the model's context (max_position_embeddings=256)",
     )
     assert not (tmp_path / "r").exists()
 
 
-def test_tokenizer_that_does_not_match_the_checkpoint(tmp_path, capsys, tokenizer_dir):
+def test_tokenizer_that_does_not_match_the_checkpoint(tmp_path, cli_error, tokenizer_dir):
     from models import DenseLM, make_config, save_model
 
     save_model(DenseLM(make_config("dense", "micro", vocab_size=64)), tmp_path / "ck", tokenizer_dir)
-    _expect_error(capsys, ["sample", "--checkpoint", str(tmp_path / "ck"), "--prompt", "hi"], "the tokenizer has")
+    cli_error(["sample", "--checkpoint", str(tmp_path / "ck"), "--prompt", "hi"], "the tokenizer has")
 
 
 @pytest.mark.slow

@@ -131,12 +131,10 @@ def test_zero3_stop_resume_continue_and_export(reference, synthetic_dir, tokeniz
     ckpt = out / "checkpoints" / "step_0000004"
     bare = tmp_path / "bare" / "step_0000004"
     shutil.copytree(ckpt, bare, ignore=shutil.ignore_patterns("model.safetensors"))
-    r = subprocess.run(
-        [str(BIN / "llm-scratch"), "export", "--checkpoint", str(bare), "--out", str(tmp_path / "hf")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    export = [str(BIN / "llm-scratch"), "export", "--checkpoint", str(bare), "--out", str(tmp_path / "hf")]
+    r = subprocess.run(export, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--consolidate-zero" in r.stderr  # pickled shards: only when asked for
+    r = subprocess.run(export + ["--consolidate-zero"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     from transformers import AutoModelForCausalLM
 

@@ -109,7 +109,9 @@ def test_crash_during_save_keeps_the_previous_checkpoint(synthetic_dir, tokenize
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(checkpoint.torch, "save", dying_save)
-    with pytest.raises(OSError, match="disk full"):
+    from train.errors import UserError
+
+    with pytest.raises(UserError, match="disk full.*step_0000002 stays the latest"):  # one error line, not a traceback
         pretrain_main(_args(synthetic_dir, tokenizer_dir, out, *common))
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     assert (out / "latest").read_text().strip() == "step_0000002"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import kernels
 
+from .engine.ds_config import check_ds_config, load_ds_config
 from .engine.optim import OptimConfig
 from .engine.trainer import TrainArgs
 from .errors import UserError
@@ -38,6 +40,13 @@ def add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_s
     g.add_argument("--keep-checkpoints", type=int, default=2)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--max-nonfinite-steps",
+        type=int,
+        default=0,
+        help="skip up to this many steps whose loss or gradient is not finite (PyTorch engine); one more "
+        "stops the run, without saving",
+    )
     add_kernels_arg(g)
     g = p.add_argument_group("distributed")
     g.add_argument(
@@ -81,6 +90,7 @@ def train_args_from(ns: argparse.Namespace) -> tuple[TrainArgs, OptimConfig]:
         deepspeed=ns.deepspeed,
         expert_parallel_size=ns.expert_parallel_size,
         kernels=ns.kernels,
+        max_nonfinite_steps=ns.max_nonfinite_steps,
     )
     optim = OptimConfig(
         lr=ns.lr,
@@ -90,7 +100,31 @@ def train_args_from(ns: argparse.Namespace) -> tuple[TrainArgs, OptimConfig]:
         weight_decay=ns.weight_decay,
         grad_clip=ns.grad_clip,
     )
-    for name in ("batch_size", "grad_accum", "eval_batches", "save_every", "expert_parallel_size"):
-        if getattr(ns, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    check_train_options(ns)
+    if ns.deepspeed:  # the whole config is checked now, not minutes later when DeepSpeed starts
+        check_ds_config(load_ds_config(ns.deepspeed), ns.deepspeed)
     return targs, optim
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_train_options(ns: argparse.Namespace) -> None:
+    """Every numeric training option in its range (one error line naming the option)."""
+    at_least_one = ("max_steps", "batch_size", "grad_accum", "eval_batches", "save_every", "expert_parallel_size")
+    for name in at_least_one:
+        if getattr(ns, name) < 1:
+            raise UserError(f"{_option(name)} must be at least 1, got {getattr(ns, name)}")
+    for name in ("warmup_steps", "eval_every", "keep_checkpoints", "max_nonfinite_steps"):
+        if getattr(ns, name) < 0:
+            raise UserError(f"{_option(name)} must not be negative, got {getattr(ns, name)}")
+    if ns.stop_after is not None and ns.stop_after < 1:
+        raise UserError(f"--stop-after must be at least 1, got {ns.stop_after}")
+    for name in ("lr", "weight_decay", "grad_clip", "min_lr_ratio"):
+        v = getattr(ns, name)
+        if not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
+            need = "positive" if name == "lr" else "non-negative"
+            raise UserError(f"{_option(name)} must be a finite {need} number, got {v}")
+    if ns.min_lr_ratio > 1:
+        raise UserError(f"--min-lr-ratio is a fraction of --lr, from 0 to 1; got {ns.min_lr_ratio}")

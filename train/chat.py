@@ -80,6 +80,7 @@ class ChatSession:
         self.seed = sampling.pop("seed", 0)
         self.think, self.sampling = think, sampling
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.dropped_turns = 0
         self.stop = [self.tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
         self.pad = self.tokenizer.convert_tokens_to_ids(PAD)
 
@@ -89,11 +90,7 @@ class ChatSession:
         if self.pixel_values is not None and first_user:
             user_text = f"{IMAGE}\n{user_text}"
         self.messages.append({"role": "user", "content": user_text})
-        ids = encode_prompt(self.tokenizer, self.messages, self.think, self.image_tokens)
-        limit = self.model.config.max_position_embeddings
-        if len(ids) >= limit:
-            self.messages.pop()
-            raise UserError(f"the conversation is {len(ids)} tokens, the model's context is {limit}; /reset")
+        ids = self._fit_context()
         parser, stream = ThinkParser(), TextStream(self.tokenizer)
 
         def on_token(_i: int, tok: int) -> None:
@@ -120,6 +117,29 @@ class ChatSession:
             display.end()
         self.messages.append({"role": "assistant", "content": parser.answer, "reasoning_content": parser.reasoning})
         return parser.reasoning, parser.answer
+
+    def _fit_context(self) -> list[int]:
+        """The prompt's ids; while they leave no room in the model's context, the oldest exchange (a user
+        turn and its reply) is dropped, and the display says so. (A VLM's image moves to the new first user
+        turn.) A message that alone does not fit is an error, and leaves the history as it was."""
+        limit = self.model.config.max_position_embeddings
+        alone = [m for m in self.messages if m["role"] == "system"] + self.messages[-1:]
+        n = len(encode_prompt(self.tokenizer, alone, self.think, self.image_tokens))
+        if n >= limit:
+            self.messages.pop()
+            raise UserError(f"the message is {n} tokens with the template; the model's context is {limit}")
+        while True:
+            ids = encode_prompt(self.tokenizer, self.messages, self.think, self.image_tokens)
+            if len(ids) < limit:
+                return ids
+            first = next(i for i, m in enumerate(self.messages) if m["role"] != "system")
+            dropped = self.messages.pop(first)
+            while first < len(self.messages) - 1 and self.messages[first]["role"] == "assistant":
+                self.messages.pop(first)
+            self.dropped_turns += 1
+            if IMAGE in dropped["content"]:
+                self.messages[first]["content"] = f"{IMAGE}\n" + self.messages[first]["content"]
+            print(f"(the conversation outgrew the model's context of {limit} tokens: dropped its oldest turn)")
 
     def reset(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
@@ -156,4 +176,7 @@ def run_chat(ns) -> None:
             print("(history cleared)")
             continue
         if line:
-            session.reply(line, display)
+            try:
+                session.reply(line, display)
+            except UserError as e:  # the conversation goes on
+                print(f"error: {e}")

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import kernels
 
 from .args import add_kernels_arg
-from .errors import run_guarded
+from .errors import UserError, run_guarded
 from .stages import STAGES
 
 SUMMARY_KEYS = ("end_step", "first_loss", "last_loss", "checkpoint", "plot")
@@ -30,7 +31,14 @@ SUMMARY_KEYS = ("end_step", "first_loss", "last_loss", "checkpoint", "plot")
 
 def cmd_data(ns) -> None:
     from .data.synthetic import generate
+    from .outputs import OwnedFiles
 
+    out = Path(ns.out)
+    owned = OwnedFiles(out, ".llm-scratch-data.json", "llm-scratch data")
+    names = [f"{name}_{split}.jsonl" for name in ("pretrain", "sft", "dpo") for split in ("train", "eval")]
+    if ns.images:
+        names += ["images"] + [f"vlm_{k}_{s}.jsonl" for k in ("caption", "sft", "dpo") for s in ("train", "eval")]
+    owned.claim(names)  # an earlier `data` run's files are replaced; anything else in the way is refused
     paths = generate(ns.out, seed=ns.seed, pretrain_docs=ns.pretrain_docs, sft=ns.sft, dpo=ns.dpo)
     if ns.images:
         from .data.synthetic_images import generate_images
@@ -38,13 +46,18 @@ def cmd_data(ns) -> None:
         paths.update(
             generate_images(ns.out, seed=ns.seed, train=ns.images, held_out=max(1, ns.images // 10), size=ns.image_size)
         )
+    owned.wrote(names)
     for name, p in paths.items():
         print(f"{name:15s} {p}")
 
 
 def cmd_tokenizer(ns) -> None:
-    from .data.tokenizer import train_tokenizer
+    from models.checkpoint import TOKENIZER_FILES
 
+    from .data.tokenizer import train_tokenizer
+    from .outputs import check_new_or_own
+
+    check_new_or_own(Path(ns.out), TOKENIZER_FILES, "tokenizer directory")
     stats = train_tokenizer(ns.data, ns.vocab_size, ns.out, quiet=ns.quiet)
     print(
         f"tokenizer: {stats['vocab_size']} tokens from {stats['bytes'] / 1e6:.1f} MB in "
@@ -57,9 +70,26 @@ def cmd_stage(ns) -> None:
     print(json.dumps({k: s[k] for k in SUMMARY_KEYS if k in s}, indent=2))
 
 
+def check_generation_options(ns) -> None:
+    """--max-new-tokens, --temperature, --top-k, --top-p, --repetition-penalty in range, before any loading."""
+    from models.generate import check_sampling
+
+    try:
+        check_sampling(
+            ns.max_new_tokens,
+            getattr(ns, "temperature", 0.0),
+            getattr(ns, "top_k", None),
+            getattr(ns, "top_p", None),
+            getattr(ns, "repetition_penalty", 1.0),
+        )
+    except ValueError as e:
+        raise UserError(f"--{str(e).replace('_', '-')}") from None
+
+
 def cmd_chat(ns) -> None:
     from .chat import run_chat
 
+    check_generation_options(ns)
     run_chat(ns)
 
 
@@ -69,10 +99,11 @@ def cmd_eval(ns) -> None:
     from .data.tokenizer import check_vocab, load_tokenizer, tokenizer_dir_for
     from .evaluate import exact_match, load_eval_records
 
+    check_generation_options(ns)
     model = load_pretrained(ns.checkpoint).eval()
     tok = load_tokenizer(tokenizer_dir_for(ns.checkpoint))
     check_vocab(tok, model, ns.checkpoint)
-    records = [r for path in ns.data for r in load_eval_records(path)][: ns.limit]
+    records = [r for path in ns.data for r in load_eval_records(path, ns.images_anywhere)][: ns.limit]
     res = exact_match(model, tok, records, think=ns.think, max_new_tokens=ns.max_new_tokens)
     for name, (c, n) in res["by_category"].items():
         print(f"{name:24s} {c:5d}/{n:<5d} {c / n:7.1%}")
@@ -88,13 +119,16 @@ def cmd_verify(ns) -> None:
 def cmd_export(ns) -> None:
     from models import export_hf
 
-    out = export_hf(ns.checkpoint, ns.out)
+    if ns.consolidate_zero:
+        print(f"consolidating the DeepSpeed ZeRO shards of {ns.checkpoint} (unpickled: trusted files only)")
+    out = export_hf(ns.checkpoint, ns.out, consolidate_zero=ns.consolidate_zero)
     print(f"exported a transformers checkpoint to {out}")
 
 
 def cmd_sample(ns) -> None:
     from .sample import sample_text
 
+    check_generation_options(ns)
     print(
         sample_text(
             ns.checkpoint,
@@ -164,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
     s.add_argument("--no-think", dest="think", action="store_false", default=True)
     s.add_argument("--max-new-tokens", type=int, default=384)
+    s.add_argument("--images-anywhere", action="store_true", help="allow image paths outside the data file's directory")
     add_kernels_arg(s)
     s.set_defaults(fn=cmd_eval)
 
@@ -172,8 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("export", help="write a native transformers checkpoint")
-    s.add_argument("--checkpoint", required=True, help="a checkpoint or run directory")
-    s.add_argument("--out", required=True)
+    s.add_argument("--checkpoint", required=True, help="a checkpoint, run or transformers directory")
+    s.add_argument("--out", required=True, help="a new or empty directory, or an earlier export (replaced whole)")
+    s.add_argument(
+        "--consolidate-zero",
+        action="store_true",
+        help="the checkpoint is a bare DeepSpeed ZeRO directory (shards only): consolidate it. DeepSpeed's "
+        "loader unpickles the shards, which can run code: only for files you trust",
+    )
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("sample", help="continue a text prompt with a trained model")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -20,10 +19,29 @@ from models.checkpoint import atomic_write
 
 from .data.synthetic import generate as generate_data
 from .data.tokenizer import load_tokenizer, train_tokenizer
+from .errors import UserError
+from .outputs import OwnedFiles
 from .stages import run_stage
 
 PROMPTS = ["Mia has a red", "Once upon a time, a little"]
 RESULTS_FILE = "results.json"  # the demo's figures, as data (the printed table shows the same)
+DEMO_MANIFEST = ".llm-scratch-demo.json"  # the files an earlier demo wrote into its --out
+DEMO_ENTRIES = (
+    "data",
+    "tokenizer",
+    "pretrain",
+    "moe",
+    "sft",
+    "dpo",
+    "hf",
+    "moe_hf",
+    "vlm_init",
+    "vlm_align",
+    "vlm_sft",
+    "vlm_dpo",
+    "vlm_hf",
+    RESULTS_FILE,
+)
 CHAT_QUESTIONS = [("What is 487 + 356?", True), ("What is 702 - 358?", False)]
 
 # (name, default settings, --quick settings)
@@ -51,8 +69,20 @@ PLAN = {
 }
 
 
-def _say(n: int, total: int, text: str) -> None:
-    print(f"\n[{n}/{total}] {text}", flush=True)
+def claim_demo_dir(out: Path) -> OwnedFiles:
+    """The demo writes only into a new or empty directory or an earlier demo's output, and replaces only
+    what an earlier demo wrote there (listed in its manifest); anything else in its way is refused."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MANIFEST).exists():
+        raise UserError(
+            f"{out} is not empty and not an earlier demo output; choose a new --out (the demo writes "
+            f"{', '.join(DEMO_ENTRIES[:4])}, ... there and never overwrites files it did not write)"
+        )
+    owned = OwnedFiles(out, DEMO_MANIFEST, "the demo")
+    owned.claim(DEMO_ENTRIES)
+    owned.wrote(())
+    return owned
 
 
 def _stage(argv: list[str]) -> dict:
@@ -91,21 +121,12 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     if steps:
         cfg["pretrain_steps"] = steps
     total = 9
+    owned = claim_demo_dir(out)
     print(f"llm-from-scratch demo -> {out.resolve()}")
-    for sub in (
-        "pretrain",
-        "moe",
-        "sft",
-        "dpo",
-        "hf",
-        "moe_hf",
-        "vlm_init",
-        "vlm_align",
-        "vlm_sft",
-        "vlm_dpo",
-        "vlm_hf",
-    ):  # a previous demo's runs: start them again
-        shutil.rmtree(out / sub, ignore_errors=True)
+
+    def _say(n: int, total: int, text: str) -> None:
+        owned.wrote(DEMO_ENTRIES)  # what the steps so far wrote is the demo's (a later demo may replace it)
+        print(f"\n[{n}/{total}] {text}", flush=True)
 
     _say(1, total, "synthesizing the embedded data (stories, arithmetic with reasoning, DPO pairs; held-out splits)")
     paths = generate_data(out / "data", seed=0, **cfg["sizes"])
@@ -348,6 +369,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
         "seconds": {**secs, "text": text_elapsed, "vlm": vlm["seconds"], "all": elapsed},
     }
     atomic_write(out / RESULTS_FILE, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
+    owned.wrote(DEMO_ENTRIES)
     return results
 
 

@@ -109,7 +109,11 @@ class DPOObjective:
 
 def run(ns: argparse.Namespace) -> dict:
     targs, optim = train_args_from(ns)
-    run_dir = RunDir(ns.out, ns.resume, ns.tokenizer, ns.init)
+    with RunDir(ns.out, ns.resume, ns.tokenizer, ns.init) as run_dir:
+        return _train(ns, targs, optim, run_dir)
+
+
+def _train(ns: argparse.Namespace, targs, optim, run_dir: RunDir) -> dict:
     tok = run_dir.tokenizer
     model = run_dir.starting_model(ns.seed)
     check_context(ns.seq_len, model.config)
@@ -168,19 +172,27 @@ def _attach_reference_logps(trainer: Trainer, run_dir: RunDir, train_set, eval_s
             raise UserError(
                 f"--resume: {path} is missing; the reference log-probs cannot be recomputed from a trained policy"
             )
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            assert isinstance(saved, dict) and isinstance(saved.get("train"), torch.Tensor)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the same one-line error
+            raise UserError(f"{path}: not a readable reference log-prob file ({type(e).__name__})") from None
     else:
         fn = lambda module, batch: pair_logps(module, batch, average)
-        saved = {"train": torch.from_numpy(trainer.map_rows(train_set, fn, 2))}
+        saved = {"train": torch.from_numpy(trainer.map_rows(train_set, fn, 2)), "fingerprint": {}}
         if eval_set is not None:
             saved["eval"] = torch.from_numpy(trainer.map_rows(eval_set, fn, 2))
+        saved["fingerprint"] = {
+            name: ds.fingerprint() for name, ds in (("train", train_set), ("eval", eval_set)) if ds is not None
+        }
         if trainer.is_main:
             run_dir.out.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda tmp: torch.save(saved, tmp))
     for name, ds in (("train", train_set), ("eval", eval_set)):
         if ds is None:
             continue
-        if name not in saved or len(saved[name]) != len(ds):
+        stored_for = saved.get("fingerprint", {}).get(name, ds.fingerprint())  # older files: by size alone
+        if name not in saved or len(saved[name]) != len(ds) or stored_for != ds.fingerprint():
             raise UserError(f"{path}: stored for other data ({name} split); resume with the same data")
         ds.ref = saved[name].numpy()
 

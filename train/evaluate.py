@@ -42,7 +42,7 @@ def category(question: str) -> str:
     return "other"
 
 
-def load_eval_records(path) -> list[EvalRecord]:
+def load_eval_records(path, images_anywhere: bool = False) -> list[EvalRecord]:
     """Records with the prompt (the non-assistant turns), the answer, a category, and the images (VLM
     records: paths resolved against the file's directory; the category is 'image ' + the record's kind)."""
     out = []
@@ -50,7 +50,7 @@ def load_eval_records(path) -> list[EvalRecord]:
         where = f"{path}:{lineno}"
         if "answer" not in rec or "messages" not in rec:
             raise UserError(f"{where}: an evaluation record needs 'messages' and 'answer'")
-        conv = sft_record(rec, path, where, need_assistant=False)
+        conv = sft_record(rec, path, where, need_assistant=False, images_anywhere=images_anywhere)
         prompt = [m for m in conv.messages if m["role"] != "assistant"]
         question = next(m["content"] for m in reversed(prompt) if m["role"] == "user")
         cat = f"image {rec['kind']}" if conv.images and "kind" in rec else category(question)

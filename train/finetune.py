@@ -25,6 +25,11 @@ def add_finetune_data_args(p: argparse.ArgumentParser, what: str) -> None:
         help="VLM: the parts that learn, comma-separated from vision, projector, language "
         "(default all; the alignment stage trains 'projector' or 'vision,projector')",
     )
+    d.add_argument(
+        "--images-anywhere",
+        action="store_true",
+        help="VLM data: allow image paths outside the data file's directory (refused by default)",
+    )
 
 
 def split_held_out(records: list, fraction: float) -> tuple[list, list]:
@@ -39,6 +44,7 @@ def finetune_examples(ns: argparse.Namespace, model, load, build, tokenizer):
     image placeholders expand to its image tokens and its rows carry their images."""
     image_tokens, loader = image_inputs(model)
     build = functools.partial(build, image_tokens=image_tokens)
+    load = functools.partial(load, images_anywhere=ns.images_anywhere)
     records = [r for path in ns.data for r in load(path)]
     if ns.eval_data:
         eval_records = [r for path in ns.eval_data for r in load(path)]

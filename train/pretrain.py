@@ -77,7 +77,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(ns: argparse.Namespace) -> dict:
     targs, optim = train_args_from(ns)
-    run_dir = RunDir(ns.out, ns.resume, ns.tokenizer, init=None)
+    with RunDir(ns.out, ns.resume, ns.tokenizer, init=None) as run_dir:
+        return _train(ns, targs, optim, run_dir)
+
+
+def _train(ns: argparse.Namespace, targs, optim, run_dir: RunDir) -> dict:
     out, resume_ckpt, tok_dir, tokenizer = run_dir.out, run_dir.resume_ckpt, run_dir.tokenizer_dir, run_dir.tokenizer
     eot = special_token_ids(tokenizer)[ENDOFTEXT]
     config = model_config_for(ns, len(tokenizer), resume_ckpt)

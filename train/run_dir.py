@@ -10,9 +10,14 @@ import torch
 from models import CheckpointError, build_model, load_config, load_pretrained
 from models.checkpoint import CONFIG_FILE, LATEST_FILE
 
-from .data.tokenizer import check_vocab, load_tokenizer, tokenizer_dir_for
+from .data.tokenizer import check_vocab, load_tokenizer, tokenizer_dir_for, vocab_of
 from .engine.checkpoint import latest_checkpoint
+from .engine.distributed import dist_info
 from .errors import UserError
+from .outputs import RunLock
+
+# what a run writes at the top of its directory (none of them may be a symbolic link)
+RUN_FILES = ("metrics.jsonl", "summary.json", "loss.png", LATEST_FILE, "checkpoints", "reference_logps.pt")
 
 
 def check_context(seq_len: int, config) -> None:
@@ -27,7 +32,8 @@ def check_context(seq_len: int, config) -> None:
 
 
 class RunDir:
-    """The run directory, the checkpoint to resume from, and the tokenizer."""
+    """The run directory (claimed and locked for this run: train/outputs.py), the checkpoint to resume
+    from, and the tokenizer. Use it as a context manager: the lock is released when the stage ends."""
 
     def __init__(self, out: str, resume: bool, tokenizer: str | None, init: str | None):
         self.out = Path(out)
@@ -36,10 +42,25 @@ class RunDir:
             raise UserError(f"--resume: no checkpoint in {self.out}")
         if not resume and (self.out / LATEST_FILE).exists():
             raise UserError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        self.lock = RunLock(self.out, resume, RUN_FILES, take_lock=dist_info()[0] == 0)
+        try:
+            self._setup(tokenizer, init)
+        except BaseException:
+            self.lock.release(failed=True)
+            raise
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.lock.release(failed=exc_type is not None)
+
+    def _setup(self, tokenizer: str | None, init: str | None) -> None:
+        resume = self.resume_ckpt is not None
         self.init = init
         if tokenizer:
             self.tokenizer_dir = Path(tokenizer)
-        elif self.resume_ckpt is not None:
+        elif resume:
             self.tokenizer_dir = self.resume_ckpt
         elif init:
             try:
@@ -49,6 +70,16 @@ class RunDir:
         else:
             raise UserError("--tokenizer DIR is required (train one with `llm-scratch tokenizer`)")
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        if tokenizer and (resume or init):  # a --tokenizer beside a model: it must be the model's own
+            try:
+                model_dir = self.resume_ckpt if resume else tokenizer_dir_for(init)
+            except CheckpointError as e:
+                raise UserError(f"--init: {e}") from None
+            if (model_dir / "tokenizer.json").exists() and vocab_of(model_dir) != vocab_of(self.tokenizer_dir):
+                raise UserError(
+                    f"--tokenizer {self.tokenizer_dir} is not the tokenizer {model_dir} was trained with "
+                    "(their vocabularies differ); leave --tokenizer out to use the model's own"
+                )
 
     def starting_model(self, seed: int) -> torch.nn.Module:
         """On resume: the architecture of the checkpoint (its weights are loaded by the trainer);

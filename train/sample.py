@@ -27,6 +27,11 @@ def sample_text(
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     if not ids:
         raise UserError("--prompt is empty")
+    if len(ids) > model.config.max_position_embeddings:
+        raise UserError(
+            f"--prompt is {len(ids)} tokens, longer than the model's context "
+            f"(max_position_embeddings={model.config.max_position_embeddings})"
+        )
     g = torch.Generator().manual_seed(seed)
     stop = [tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
     new = generate(

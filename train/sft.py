@@ -34,7 +34,11 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 
 def run(ns: argparse.Namespace) -> dict:
     targs, optim = train_args_from(ns)
-    run_dir = RunDir(ns.out, ns.resume, ns.tokenizer, ns.init)
+    with RunDir(ns.out, ns.resume, ns.tokenizer, ns.init) as run_dir:
+        return _train(ns, targs, optim, run_dir)
+
+
+def _train(ns: argparse.Namespace, targs, optim, run_dir: RunDir) -> dict:
     tok = run_dir.tokenizer
     model = run_dir.starting_model(ns.seed)
     check_context(ns.seq_len, model.config)

@@ -39,6 +39,8 @@ def run_verify(out: str | None = None) -> list[tuple[str, str, float, float]]:
 
     t0 = time.perf_counter()
     root = Path(out) if out else Path(tempfile.mkdtemp(prefix="llm-scratch-verify-"))
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise UserError(f"--out {root}: verify needs a new or empty directory")
     data = generate(root / "data", seed=1, pretrain_docs=800, sft=200, dpo=100)
     train_tokenizer([data["pretrain_train"], data["sft_train"]], 1024, root / "tok", quiet=True)
     common = [

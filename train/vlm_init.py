@@ -19,12 +19,15 @@ import torch
 
 from models import PRESETS, VLM, ConfigError, VLMConfig, load_pretrained, save_model
 from models.chat_format import IMAGE
+from models.checkpoint import CHECKSUMS_FILE, CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE
 
 from .data.tokenizer import load_tokenizer, tokenizer_dir_for
 from .errors import UserError, run_guarded
+from .outputs import check_new_or_own
 
 
 def init_vlm(llm: str, out: str, preset: str = "nano", seed: int = 0, **overrides) -> Path:
+    check_new_or_own(Path(out), (*TOKENIZER_FILES, CONFIG_FILE, WEIGHTS_FILE, CHECKSUMS_FILE), "model directory")
     dense = load_pretrained(llm)
     if dense.config.model_type != "dense":
         raise UserError(f"--llm: {llm} is a {dense.config.model_type} model; the VLM's language model is dense")

@@ -3,6 +3,8 @@ the default collation."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -60,3 +62,24 @@ class BatchOrder:
             )
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self._perm = self._permutation()
+
+
+def fingerprint(*parts) -> str:
+    """A short hash of a dataset's content (arrays, strings, numbers, nested lists of them), so a resumed
+    run can tell that it is given the same data (the same size is not enough)."""
+    h = hashlib.blake2b(digest_size=12)
+
+    def add(x) -> None:
+        if isinstance(x, np.ndarray):
+            h.update(str(x.dtype).encode())
+            h.update(np.ascontiguousarray(x).tobytes())
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[%d" % len(x))
+            for y in x:
+                add(y)
+        else:
+            h.update(repr(x).encode())
+        h.update(b";")
+
+    add(list(parts))
+    return h.hexdigest()

@@ -8,6 +8,7 @@ dropped is reported. A DPO pair keeps its prompt and cuts the completions' ends.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from models import IGNORE_INDEX
 from models.chat_format import IM_END, IMAGE
 
 from ..errors import UserError
+from .batches import fingerprint
 from .chat_masks import encode_with_mask, expand_image_tokens, render_conversation
 from .records import Conversation, PreferencePair
 
@@ -66,6 +68,10 @@ def _row(ids: np.ndarray, trained: np.ndarray) -> dict[str, torch.Tensor]:
     return {"input_ids": x, "targets": y}
 
 
+def _examples_fingerprint(examples, *extra) -> str:
+    return fingerprint([[getattr(e, f.name) for f in dataclasses.fields(e)] for e in examples], *extra)
+
+
 class SFTDataset:
     """One conversation per row (padded per batch by `pad_collate`). With an image loader (a VLM) every
     row carries its images as `pixel_values` [n, 3, H, W] (n may be 0)."""
@@ -76,6 +82,9 @@ class SFTDataset:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def fingerprint(self) -> str:
+        return _examples_fingerprint(self.examples, type(self).__name__)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         e = self.examples[i]
@@ -105,6 +114,9 @@ class PackedSFTDataset:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def fingerprint(self) -> str:
+        return _examples_fingerprint([e for row in self.rows for e in row], [len(r) for r in self.rows], self.seq_len)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         n = self.seq_len + 1
@@ -197,6 +209,9 @@ class DPODataset:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def fingerprint(self) -> str:
+        return _examples_fingerprint(self.examples, type(self).__name__)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         e = self.examples[i]

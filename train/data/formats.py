@@ -16,7 +16,8 @@ from pathlib import Path
 
 from models.chat_format import IMAGE
 
-from ..errors import DataError
+from ..errors import DataError, UserError
+from .images import check_image
 from .records import Conversation, PreferencePair
 
 ROLES = ("system", "user", "assistant")
@@ -31,8 +32,12 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, record) for each non-blank line; bad JSON or a non-object is a DataError."""
     path = Path(path)
     _check_file(path)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -41,6 +46,11 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            if "\\u" in line:  # an escaped lone surrogate decodes to a string no tokenizer can encode
+                try:
+                    json.dumps(rec, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError:
+                    raise DataError(f"{path}:{lineno}: a string holds a lone surrogate (\\ud800-\\udfff)") from None
             yield lineno, rec
 
 
@@ -64,7 +74,10 @@ def iter_pretrain_texts(path: str | Path) -> Iterator[str]:
     path = Path(path)
     _check_file(path)
     if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8")
+        try:
+            yield path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
         return
     if path.suffix != ".jsonl":
         raise DataError(f"{path}: pretraining data must be .txt or .jsonl with a 'text' field")
@@ -75,34 +88,46 @@ def iter_pretrain_texts(path: str | Path) -> Iterator[str]:
         yield text
 
 
-def _images(rec: dict, path: Path, where: str, texts: list[str]) -> list[Path]:
-    """The record's 'images' (paths relative to the jsonl file), checked against its placeholders."""
+def _images(rec: dict, path: Path, where: str, texts: list[str], anywhere: bool = False) -> list[Path]:
+    """The record's 'images' (paths relative to the jsonl file), checked against its placeholders, kept
+    inside the data file's directory (unless `anywhere`), and each decoded once (train/data/images.py), so
+    a bad image is found before training starts."""
     images = rec.get("images", [])
     if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
         raise DataError(f"{where}: field 'images' must be a list of file paths")
     placeholders = sum(t.count(IMAGE) for t in texts)
     if placeholders != len(images):
         raise DataError(f"{where}: {placeholders} {IMAGE} placeholder(s) but {len(images)} image(s)")
-    resolved = [(Path(path).parent / x) for x in images]
+    root = Path(path).parent
+    resolved = [root / x for x in images]
     for i, p in enumerate(resolved):
+        if not anywhere and not p.resolve().is_relative_to(root.resolve()):
+            raise DataError(f"{where}: images[{i}]: {images[i]} lies outside {root} (--images-anywhere allows it)")
         if not p.is_file():
             raise DataError(f"{where}: images[{i}]: no such file {p}")
+        try:
+            check_image(p)
+        except UserError as e:
+            raise DataError(f"{where}: images[{i}]: {e}") from None
     return resolved
 
 
-def sft_record(rec: dict, path: str | Path, where: str, need_assistant: bool = True) -> Conversation:
+def sft_record(
+    rec: dict, path: str | Path, where: str, need_assistant: bool = True, images_anywhere: bool = False
+) -> Conversation:
     msgs = _messages(rec.get("messages"), where, "messages")
     if need_assistant and not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{where}: field 'messages' has no assistant turn to learn from")
-    return Conversation(msgs, _images(rec, Path(path), where, [m["content"] for m in msgs]), where)
+    images = _images(rec, Path(path), where, [m["content"] for m in msgs], images_anywhere)
+    return Conversation(msgs, images, where)
 
 
-def load_sft(path: str | Path) -> list[Conversation]:
+def load_sft(path: str | Path, images_anywhere: bool = False) -> list[Conversation]:
     """Conversations; each must contain at least one assistant turn. VLM records add 'images'."""
-    return [sft_record(rec, path, f"{path}:{lineno}") for lineno, rec in read_jsonl(path)]
+    return [sft_record(rec, path, f"{path}:{lineno}", True, images_anywhere) for lineno, rec in read_jsonl(path)]
 
 
-def load_dpo(path: str | Path) -> list[PreferencePair]:
+def load_dpo(path: str | Path, images_anywhere: bool = False) -> list[PreferencePair]:
     """Preference pairs; chosen/rejected given as message lists keep their last (assistant) message."""
     pairs = []
     for lineno, rec in read_jsonl(path):
@@ -126,7 +151,9 @@ def load_dpo(path: str | Path) -> list[PreferencePair]:
             elif not isinstance(v, str):
                 raise DataError(f"{where}: field '{k}' must be a string or a list of messages")
             completions[k] = v
-        images = _images(rec, Path(path), where, [m["content"] for m in prompt])
+        if completions["chosen"] == completions["rejected"]:
+            raise DataError(f"{where}: 'chosen' and 'rejected' are the same text; a pair must differ")
+        images = _images(rec, Path(path), where, [m["content"] for m in prompt], images_anywhere)
         pairs.append(PreferencePair(prompt, completions["chosen"], completions["rejected"], images, where))
     return pairs
 

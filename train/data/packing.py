@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .batches import fingerprint
 from .formats import iter_pretrain_texts
 
 
@@ -38,6 +39,9 @@ class PackedDataset:
     def __init__(self, stream: np.ndarray, seq_len: int, eot_id: int, document_mask: bool = True):
         self.stream, self.seq_len, self.eot_id, self.document_mask = stream, seq_len, eot_id, document_mask
         self.num_rows = max(0, (len(stream) - 1) // seq_len)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.stream, self.seq_len, self.eot_id, self.document_mask)
 
     def __len__(self) -> int:
         return self.num_rows

@@ -2,6 +2,7 @@
 
 - Special tokens (models/chat_format.py), each a single id in order from 0; <think> and </think> are
   *non-special* added tokens, so `skip_special_tokens=True` keeps them visible to the think parser.
+- Normalizer: NFC (as Qwen2's; transformers loads an export with Qwen2Tokenizer, which applies it).
 - Pre-tokenizer: Qwen2-style split where every digit is its own piece (arithmetic stays learnable),
   then byte-level mapping, so any Unicode text round-trips exactly and whitespace/newlines survive.
 - Chat template: ChatML with a thinking switch in the Qwen3 convention (models/chat_format.py).
@@ -46,7 +47,7 @@ def iter_training_text(paths: Iterable[str | Path]) -> Iterator[str]:
 
 def train_tokenizer(paths: list[str | Path], vocab_size: int, out_dir: str | Path, quiet: bool = False) -> dict:
     """Train on the files, save an AutoTokenizer-loadable directory, return statistics."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
         raise UserError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS) + 1} (256 bytes + specials)")
@@ -54,6 +55,9 @@ def train_tokenizer(paths: list[str | Path], vocab_size: int, out_dir: str | Pat
         if not Path(p).is_file():
             raise UserError(f"{p}: data file not found")
     tok = Tokenizer(models.BPE())
+    # NFC first, as Qwen2's tokenizer does: transformers loads any `qwen2` export with Qwen2Tokenizer, which
+    # normalises to NFC, so a tokenizer that did not would encode "e" + U+0301 differently after export.
+    tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
@@ -109,6 +113,11 @@ def save_tokenizer(tok, out_dir: str | Path) -> Path:
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out))
+    # the generic fast class (transformers 4.x knows it; 5.x reads it as its tokenizers backend)
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
@@ -142,3 +151,11 @@ def check_vocab(tokenizer, model, where) -> None:
             f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{model.config.vocab_size}; they do not belong together"
         )
+
+
+def vocab_of(tokenizer_dir: Path) -> tuple:
+    """What makes two tokenizers the same: the BPE vocabulary and merges and the added tokens."""
+    spec = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
+    model = spec.get("model", {})
+    added = sorted((t["id"], t["content"]) for t in spec.get("added_tokens", []))
+    return json.dumps(model.get("vocab"), sort_keys=True), json.dumps(model.get("merges")), tuple(added)

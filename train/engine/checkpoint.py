@@ -58,7 +58,8 @@ def save_checkpoint(
     keep: int,
     is_main: bool,
 ) -> Path:
-    """Every rank calls this (DeepSpeed shards and ZeRO-3 gathers need all of them)."""
+    """Every rank calls this (DeepSpeed shards and ZeRO-3 gathers need all of them). A write that fails
+    (disk full) is one error; the previous checkpoint stays the latest."""
     root = out_dir / "checkpoints"
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
@@ -80,6 +81,12 @@ def save_checkpoint(
             os.replace(tmp, final)
             atomic_write(out_dir / LATEST_FILE, lambda p: p.write_text(final.name + "\n"))
             _prune(root, keep)
+    except OSError as e:
+        kept = latest_checkpoint(out_dir)
+        raise UserError(
+            f"{final}: could not write the checkpoint ({e.strerror or e}); "
+            + (f"{kept.name} stays the latest" if kept else "there is no earlier checkpoint")
+        ) from None
     finally:
         if is_main and tmp.exists():
             shutil.rmtree(tmp)

@@ -43,6 +43,8 @@ def _unlink_shm_buffer(device: torch.device) -> None:
 
 
 class DeepSpeedEngine:
+    skips_nonfinite = False  # DeepSpeed applies every step (fp32/bf16): the trainer stops on a non-finite one
+
     def __init__(
         self, model: torch.nn.Module, cfg: OptimConfig, device: torch.device, config_path: str, micro_batch: int
     ):
@@ -98,11 +100,11 @@ class DeepSpeedEngine:
         if self._micro < self.cfg.grad_accum:
             self.engine.step()
 
-    def step(self) -> float:
+    def step(self) -> float | None:
         self.engine.step()
         self._micro = 0
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return float(norm) if norm is not None else None  # None: not computed (no clipping)
 
     def save_state(self, ckpt_dir: Path, client_state: dict, is_main: bool) -> None:
         self.engine.save_checkpoint(

@@ -44,6 +44,28 @@ def load_ds_config(path: str | Path) -> dict:
     return cfg
 
 
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+def check_ds_config(cfg: dict, path: str | Path) -> None:
+    """What can be checked before DeepSpeed starts: the ZeRO stage and the offload devices."""
+    zero = cfg.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise UserError(f'{path}: "zero_optimization" must be an object')
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise UserError(f'{path}: "zero_optimization.stage" must be 0, 1, 2 or 3, got {json.dumps(stage)}')
+    for key in ("offload_optimizer", "offload_param"):
+        section = zero.get(key)
+        if section is None:
+            continue
+        device = section.get("device") if isinstance(section, dict) else None
+        if device not in OFFLOAD_DEVICES:
+            raise UserError(f'{path}: "zero_optimization.{key}.device" must be one of {", ".join(OFFLOAD_DEVICES)}')
+        if key == "offload_param" and device != "none" and stage != 3:
+            raise UserError(f'{path}: "zero_optimization.offload_param" needs stage 3, the config has {stage}')
+
+
 def _fill(section: dict, key: str, value, where: str, option: str) -> None:
     current = section.get(key, AUTO)
     if current == AUTO:
@@ -70,6 +92,7 @@ def resolve_ds_config(
     bf16: bool,
     hidden_size: int,
 ) -> dict:
+    check_ds_config(raw, path)
     cfg = copy.deepcopy(raw)
     if "scheduler" in cfg:
         raise UserError(

@@ -16,6 +16,7 @@ class Engine(Protocol):
     """What the trainer calls; every rank calls every method."""
 
     module: torch.nn.Module  # what the loss function calls: the model, a DDP wrapper, or the DeepSpeed engine
+    skips_nonfinite: bool
 
     @property
     def lr(self) -> float: ...
@@ -24,7 +25,8 @@ class Engine(Protocol):
         """Once per micro-batch."""
 
     def step(self) -> float:
-        """Once per optimizer step; returns the gradient norm before clipping."""
+        """Once per optimizer step; returns the gradient norm before clipping. `skips_nonfinite`: whether a
+        non-finite norm leaves the weights untouched (else the trainer stops at once)."""
 
     def train(self, mode: bool = True) -> None: ...
 

@@ -2,37 +2,63 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import sys
 from pathlib import Path
+
+from ..errors import UserError
 
 
 class MetricsLog:
-    """Appends records to OUT/metrics.jsonl. On resume, records past the resumed step are dropped
-    (they came from work after the last checkpoint, which is being redone)."""
+    """Appends records to OUT/metrics.jsonl (never through a symbolic link). On resume, records past the
+    resumed step are dropped (they came from work after the last checkpoint, which is being redone), and
+    so is a torn last line (a run killed or a disk filled in the middle of a write)."""
 
     def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True):
         self.path, self.enabled = path, enabled
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            path.write_text("")
-        elif path.exists():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        if resume_step is not None and path.exists():
+            kept = [r for r in read_metrics(path, allow_torn_end=True) if r.get("step", 0) <= resume_step]
+        with self._open("w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
+
+    def _open(self, mode: str):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+        try:
+            return os.fdopen(os.open(self.path, flags, 0o644), mode)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UserError(f"{self.path} is a symbolic link; refusing to write through it") from None
+            raise
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with self.path.open("a") as f:
+            with self._open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_metrics(path: Path, allow_torn_end: bool = False) -> list[dict]:
+    """The records of a metrics.jsonl; a line that is not JSON is an error naming it, except, with
+    `allow_torn_end`, the last line (cut short when a run died in the middle of writing it)."""
+    lines = [(i, line) for i, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1) if line.strip()]
+    out = []
+    for k, (i, line) in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if allow_torn_end and k == len(lines) - 1:
+                print(f"note: {path}:{i}: dropped a torn last line", file=sys.stderr)
+                break
+            raise UserError(f"{path}:{i}: not a JSON record") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}:{i}: not a JSON object")
+        out.append(rec)
+    return out
 
 
 def plot_losses(metrics_path: Path, png_path: Path, title: str = "training loss") -> Path:

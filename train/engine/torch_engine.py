@@ -27,6 +27,8 @@ class TorchEngine:
     it is summed over the ranks that hold the same expert (the expert-data-parallel group) and divided
     by the world size, which is DDP's mean. The clipping norm counts every expert once."""
 
+    skips_nonfinite = True  # step() applies nothing when the gradient norm is not finite
+
     def __init__(self, model: torch.nn.Module, cfg: OptimConfig, device: torch.device, expert_parallel_size: int = 1):
         self.model, self.cfg = model, cfg
         self.module = model
@@ -102,6 +104,8 @@ class TorchEngine:
         return float(sq)
 
     def step(self) -> float:
+        """Clip and apply the gradients; returns their norm. A non-finite norm (the same on every rank: the
+        gradients are reduced first) applies nothing: the optimizer state and weights stay as they were."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.ep_group is not None:
             expert_sq = self._reduce_expert_grads()
@@ -117,7 +121,8 @@ class TorchEngine:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        self.optimizer.step()
+        if math.isfinite(float(norm)):
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import kernels
 from models import IGNORE_INDEX, TrainableModel
+from models.checkpoint import atomic_write
 
 from ..data.batches import BatchOrder, collate
 from ..errors import UserError
@@ -52,6 +53,7 @@ class TrainArgs:
     deepspeed: str | None = None  # a DeepSpeed JSON config: train through a DeepSpeed engine
     expert_parallel_size: int = 1  # MoE: split the routed experts over groups of this many ranks
     kernels: str | None = None  # kernel backend for this run (None: the process's setting)
+    max_nonfinite_steps: int = 0  # steps with a non-finite loss or gradient skipped before the run stops
 
 
 def pick_device(name: str) -> torch.device:
@@ -112,18 +114,32 @@ class Trainer:
         self.order = BatchOrder(len(train_set), args.batch_size, args.seed, self.rank, self.world_size)
         self.step = 0
         self.tokens_seen = 0
+        self.nonfinite_steps = 0
+        self.data_fingerprint = train_set.fingerprint()
 
     # ------------------------------------------------------------------ state
 
     def client_state(self) -> dict:
         """The trainer's own part of a checkpoint (the engine adds optimizer and schedule)."""
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "data": self.order.state_dict(), "rng": rng_state()}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "data": self.order.state_dict(),
+            "data_fingerprint": self.data_fingerprint,
+            "rng": rng_state(),
+        }
 
     def _resume(self) -> int | None:
         ckpt = latest_checkpoint(self.out)
         if ckpt is None:
             raise UserError(f"--resume: no checkpoint in {self.out} (no '{self.out / 'latest'}' file)")
         state = self.engine.load_state(ckpt)
+        saved = state.get("data_fingerprint")  # checkpoints written before fingerprints have none
+        if saved is not None and saved != self.data_fingerprint:
+            raise UserError(
+                f"--resume: {ckpt} was trained on other data (fingerprint {saved}, this run's {self.data_fingerprint});"
+                " resume with the data the run started with"
+            )
         self.order.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
@@ -252,9 +268,34 @@ class Trainer:
         with kernels.use_backend(self.args.kernels):
             summary = {**self._fit(), **self.run_config.get("run", {}), "kernels": kernels.get_backend()}
         if self.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            text = json.dumps(summary, indent=2, default=str) + "\n"
+            atomic_write(self.out / "summary.json", lambda tmp: tmp.write_text(text))
         shutdown()
         return summary
+
+    def _kept(self) -> str:
+        ckpt = latest_checkpoint(self.out)
+        return f"the last checkpoint, {ckpt}, is kept" if ckpt is not None else "no checkpoint was saved"
+
+    def _nonfinite_step(self, rec: dict, bar) -> None:
+        """A step whose loss or gradient norm is not finite: with the PyTorch engine nothing was applied, and
+        up to --max-nonfinite-steps of them are skipped; one more (or any under DeepSpeed, which has applied
+        it) stops the run without saving, so no checkpoint ever holds non-finite weights."""
+        self.nonfinite_steps += 1
+        allowed = self.args.max_nonfinite_steps if self.engine.skips_nonfinite else 0
+        if self.nonfinite_steps <= allowed:
+            if self.is_main:
+                bar.write(
+                    f"step {self.step}: loss {rec['loss']}, gradient norm {rec['grad_norm']}: step skipped "
+                    f"({self.nonfinite_steps} of at most {allowed})"
+                )
+            return
+        bar.close()
+        raise UserError(
+            f"step {self.step}: the loss is {rec['loss']} and the gradient norm {rec['grad_norm']}: training "
+            f"diverged; stopped without saving ({self._kept()}); try a lower --lr"
+            + (" or a larger --max-nonfinite-steps" if self.engine.skips_nonfinite else "")
+        )
 
     def _fit(self) -> dict:
         resumed = self._resume() if self.args.resume else None
@@ -283,12 +324,23 @@ class Trainer:
             dt = time.perf_counter() - t0
             rec = {"step": self.step, **rec, "tokens_per_s": rec["tokens"] / dt, "tokens_seen": self.tokens_seen}
             summary.setdefault("first_loss", rec["loss"])
-            if self.step % self.args.log_every == 0 or self.step == end:
+            finite = math.isfinite(rec["loss"]) and (rec["grad_norm"] is None or math.isfinite(rec["grad_norm"]))
+            if not finite:
+                rec["nonfinite"] = True
+            if self.step % self.args.log_every == 0 or self.step == end or not finite:
                 log.write(rec)
+            if not finite:
+                self._nonfinite_step(rec, bar)  # raises unless the step may be skipped (nothing was applied)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update(1)
             if self.args.eval_every and (self.step % self.args.eval_every == 0 or self.step == end):
                 ev = self.evaluate()
+                if ev and not math.isfinite(ev["eval_loss"]):
+                    bar.close()
+                    raise UserError(
+                        f"step {self.step}: the held-out loss is {ev['eval_loss']}: training diverged; stopped "
+                        f"without saving ({self._kept()}); try a lower --lr"
+                    )
                 if ev:
                     log.write({"step": self.step, **ev})
                     summary["eval_after"] = ev
