@@ -31,6 +31,26 @@ def _penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) 
     return logits.scatter(-1, seen, scores)
 
 
+def pick_next(
+    logits: torch.Tensor,
+    context: torch.Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token [B] from the last position's logits [B, V]: greedy at temperature 0, else sampled
+    after the repetition penalty (over `context` [B, T], the ids so far), top-k and top-p."""
+    logits = logits.float()
+    if repetition_penalty != 1.0:
+        logits = _penalize_repeats(logits, context, repetition_penalty)
+    if temperature > 0:
+        probs = _filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.argmax(-1)
+
+
 def check_sampling(
     max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float
 ) -> None:
@@ -104,14 +124,7 @@ def generate(
     logits = model(ids, attention_mask=mask if padded else None, position_ids=positions, kv_cache=cache, **extra).logits
     context = ids  # prompt (padding included: pad_id is never a real token) and tokens so far
     for _ in range(max_len - t):
-        next_logits = logits[:, -1, :].float()
-        if repetition_penalty != 1.0:
-            next_logits = _penalize_repeats(next_logits, context, repetition_penalty)
-        if temperature > 0:
-            probs = _filter_logits(next_logits / temperature, top_k, top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        else:
-            nxt = next_logits.argmax(-1)
+        nxt = pick_next(logits[:, -1, :], context, temperature, top_k, top_p, repetition_penalty, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         context = torch.cat([context, nxt[:, None]], dim=1)
         for i in range(b):

@@ -5,6 +5,7 @@ process's backend setting says (`kernels.use_backend`); no layer holds a backend
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -116,6 +117,18 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    TIME_DIM = 2
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every buffer, each [B, ..., max_len (at TIME_DIM), ...] (for continuous batching)."""
+        return self.k + self.v
+
+    def rows(self, n: int) -> KVCache:
+        """A cache over the first n rows, sharing this one's storage."""
+        view = copy.copy(self)
+        view.k, view.v = [t[:n] for t in self.k], [t[:n] for t in self.v]
+        return view
 
 
 def build_attention_mask(

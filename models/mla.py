@@ -15,6 +15,8 @@ Parameter names are transformers' DeepseekV3Attention's.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -51,6 +53,18 @@ class LatentKVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    TIME_DIM = 1
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every buffer, each [B, max_len (at TIME_DIM), ...] (for continuous batching)."""
+        return self.c_kv + self.k_rope
+
+    def rows(self, n: int) -> LatentKVCache:
+        """A cache over the first n rows, sharing this one's storage."""
+        view = copy.copy(self)
+        view.c_kv, view.k_rope = [t[:n] for t in self.c_kv], [t[:n] for t in self.k_rope]
+        return view
 
 
 def mla_softmax_scale(config) -> float:

@@ -43,3 +43,12 @@ def test_grouped_mm_baseline_computes_the_moe_layer():
     torch.testing.assert_close(
         grouped_mm_experts(x, idx, weight, w_gate_up, w_down), moe_experts_reference(x, idx, weight, w_gate_up, w_down)
     )
+
+
+def test_serve_load_benchmark_smoke(tmp_path):
+    from benchmarks.serve_load import run as run_serve_load
+
+    text = run_serve_load(levels=(1, 3), max_tokens=4, preset="micro", out_dir=tmp_path).read_text()
+    assert "| 1 | " in text and "| 3 | " in text and "TTFT p50" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 3 |"))
+    assert 1 <= int(row.split("|")[4]) <= 3  # the peak batch is measured, and bounded by the streams

@@ -26,17 +26,23 @@ DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
 
 class TextStream:
     """Incremental detokenization: the text each new token adds (held back while a UTF-8 character
-    is still incomplete)."""
+    is still incomplete). Each call decodes only the tokens since the last complete character and the
+    ones before them, so a long reply costs linear, not quadratic, time."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.text = tokenizer, [], ""
+        self.start, self.read = 0, 0  # ids[start:read] were emitted; ids[read:] not yet
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.start : self.read], skip_special_tokens=True)
+        after = decode(self.ids[self.start :], skip_special_tokens=True)
+        if after.endswith("\ufffd") or len(after) <= len(before):
             return ""
-        new, self.text = text[len(self.text) :], text
+        new = after[len(before) :]
+        self.start, self.read = self.read, len(self.ids)
+        self.text += new
         return new
 
 

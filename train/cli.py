@@ -7,6 +7,7 @@ llm-scratch sft --init DIR --data F... --out DIR
 llm-scratch dpo --init DIR --data F... --out DIR
 llm-scratch vlm-init --llm DIR --out DIR    a VLM from a dense model and a fresh vision tower
 llm-scratch chat --checkpoint DIR [--think|--no-think] [--prompt TEXT]
+llm-scratch serve --checkpoint DIR [--port 8000] an OpenAI-compatible server (reasoning apart)
 llm-scratch eval --checkpoint DIR --data EVAL.jsonl
 llm-scratch export --checkpoint DIR --out HF_DIR
 llm-scratch sample --checkpoint DIR --prompt TEXT
@@ -91,6 +92,16 @@ def cmd_chat(ns) -> None:
 
     check_generation_options(ns)
     run_chat(ns)
+
+
+def cmd_serve(ns) -> None:
+    from .serve.app import run_serve
+
+    if ns.slots < 1:
+        raise UserError(f"--slots must be at least 1, got {ns.slots}")
+    if not 0 <= ns.port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {ns.port}")
+    run_serve(ns)
 
 
 def cmd_eval(ns) -> None:
@@ -191,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     add_kernels_arg(s)
     s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: chat (reasoning apart) and completions")
+    s.add_argument("--checkpoint", required=True, help="a checkpoint, run or transformers directory")
+    s.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/ requests")
+    s.add_argument("--model-name", default=None, help="the model id clients name (default: the directory's name)")
+    s.add_argument("--slots", type=int, default=16, help="sequences decoded together (continuous batching)")
+    add_kernels_arg(s)
+    s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("eval", help="held-out exact-match accuracy (records with 'messages' and 'answer')")
     s.add_argument("--checkpoint", required=True)
