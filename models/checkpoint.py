@@ -67,6 +67,14 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict | No
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", **(metadata or {})}))
 
 
+def add_config_keys(out_dir: Path, keys: dict) -> None:
+    """Add keys to a transformers config.json that its config class does not write (for other consumers)."""
+    path = Path(out_dir) / "config.json"
+    config = json.loads(path.read_text())
+    config.update(keys)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+
+
 def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     return write_model_files(model.state_dict(), model.config, out_dir, tokenizer_dir)
 
@@ -95,6 +103,25 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).exists() and src.resolve() != Path(dst).resolve():
             shutil.copy2(src / name, Path(dst) / name)
+
+
+def make_tokenizer_config_portable(d: str | Path) -> None:
+    """Rewrite a tokenizer_config.json so that transformers 4.x and 5.x load it alike (4.x is what
+    llama.cpp's converter and vLLM's CPU build use): the generic fast class, and the extra special
+    tokens under their 4.x name as a list (5.x writes `extra_special_tokens` as a list, which 4.x reads
+    as a dict and fails on; 5.x still reads the 4.x name)."""
+    path = Path(d) / "tokenizer_config.json"
+    if not path.exists():
+        return
+    config = json.loads(path.read_text())
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, dict):
+        extra = list(extra.values())
+    if extra:
+        config["additional_special_tokens"] = list(dict.fromkeys(config.get("additional_special_tokens", []) + extra))
+    config.pop("backend", None)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
 
 
 def file_sha256(path: Path) -> str:

@@ -30,6 +30,7 @@ from ..checkpoint import (
     CheckpointError,
     copy_tokenizer_files,
     load_model,
+    make_tokenizer_config_portable,
     replace_dir,
     resolve_checkpoint,
 )
@@ -92,6 +93,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, consolidate_zero: boo
         converter.export(model, special, tmp)
         if (src / "tokenizer.json").exists():
             copy_tokenizer_files(src, tmp)
+            make_tokenizer_config_portable(tmp)  # also for tokenizers written before it was done on training
             normalizer = json.loads((src / "tokenizer.json").read_text()).get("normalizer")
             if model.config.model_type in ("dense", "vlm") and (normalizer or {}).get("type") != "NFC":
                 log.warning(

@@ -23,7 +23,14 @@ from pathlib import Path
 import torch
 
 from ..chat_format import ENDOFTEXT, PAD
-from ..checkpoint import WEIGHTS_FILE, CheckpointError, load_state_strict, read_hf_weights, save_weights
+from ..checkpoint import (
+    WEIGHTS_FILE,
+    CheckpointError,
+    add_config_keys,
+    load_state_strict,
+    read_hf_weights,
+    save_weights,
+)
 from ..config import MoEConfig
 from ..registry import build_model
 
@@ -90,8 +97,29 @@ def hf_config(config: MoEConfig, special: dict[str, int]):
     )
 
 
+def reference_keys(config: MoEConfig) -> dict:
+    """Keys of DeepSeek-V3's own config.json that transformers' DeepseekV3Config does not write but other
+    consumers read: llama.cpp's converter and vLLM fall back to softmax routing without `scoring_func`
+    and `topk_method`, and transformers 4.x reads `rope_theta`/`rope_scaling` at the top level."""
+    keys = {
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "moe_layer_freq": 1,
+        "ep_size": 1,
+        "seq_aux": True,
+        "aux_loss_alpha": config.aux_loss_alpha,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+    }
+    if config.rope_scaling is not None:
+        extra = {k: v for k, v in config.rope_scaling.items() if k not in ("type", "rope_type")}
+        keys["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", **extra}
+    return keys
+
+
 def export(model, special: dict[str, int], out: Path) -> None:
     hf_config(model.config, special).save_pretrained(out)
+    add_config_keys(out, reference_keys(model.config))
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

@@ -6,7 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..chat_format import ENDOFTEXT, PAD
-from ..checkpoint import WEIGHTS_FILE, CheckpointError, load_state_strict, read_hf_weights, save_weights
+from ..checkpoint import (
+    WEIGHTS_FILE,
+    CheckpointError,
+    add_config_keys,
+    load_state_strict,
+    read_hf_weights,
+    save_weights,
+)
 from ..config import DenseConfig
 from ..registry import build_model
 
@@ -46,6 +53,9 @@ def hf_config(config: DenseConfig, special: dict[str, int]):
 
 def export(model, special: dict[str, int], out: Path) -> None:
     hf_config(model.config, special).save_pretrained(out)
+    add_config_keys(
+        out, {"rope_theta": model.config.rope_theta}
+    )  # transformers 4.x reads it here, not in rope_parameters
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

@@ -27,6 +27,7 @@ from models.chat_format import (
     PAD,
     SPECIAL_TOKENS,
 )
+from models.checkpoint import make_tokenizer_config_portable
 
 from ..errors import UserError
 from .formats import iter_records_text
@@ -113,11 +114,7 @@ def save_tokenizer(tok, out_dir: str | Path) -> Path:
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out))
-    # the generic fast class (transformers 4.x knows it; 5.x reads it as its tokenizers backend)
-    config_path = out / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    make_tokenizer_config_portable(out)  # loads in transformers 4.x and 5.x alike
     return out
 
 
