@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llm-scratch-installed
 
-.PHONY: demo test test-fast lint bench gpu-wheels install clean
+.PHONY: demo test test-fast lint bench gpu-wheels install clean browser
 
 install: $(STAMP)
 
@@ -28,13 +28,20 @@ demo: check-torch-spec
 	@$(MAKE) --no-print-directory $(STAMP)
 	$(BIN)/llm-scratch demo --out demo_out
 
-test: check-torch-spec
+# Debian's Chromium and ChromeDriver, for the web chat page's test in a real headless browser.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+		command -v apt-get >/dev/null || { echo "install Chromium and ChromeDriver at /usr/bin (Debian: chromium chromium-driver)"; exit 1; }; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: check-torch-spec browser
 	@$(MAKE) --no-print-directory $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-test-fast: check-torch-spec
+test-fast: check-torch-spec browser
 	@$(MAKE) --no-print-directory $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

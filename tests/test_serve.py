@@ -10,6 +10,7 @@ import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -120,26 +121,73 @@ def test_incremental_detokenization_is_exact_and_linear(tokenizer):
 openai = pytest.importorskip("openai")  # a dev dependency: installed by `make test`
 
 
-@pytest.fixture(scope="module")
-def server(sft_model_dir):
+@contextmanager
+def _serving(checkpoint, model_id: str, api_key: str | None = "secret", slots: int = 8):
+    """`llm-scratch serve`'s app on a free port, in a thread of this process."""
     import uvicorn
 
     from train.serve.app import create_app, served_model
 
-    served = served_model(sft_model_dir, slots=8, model_id="micro")
-    app = create_app(served, api_key="secret")
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-    srv = uvicorn.Server(config)
+    served = served_model(checkpoint, slots=slots, model_id=model_id)
+    srv = uvicorn.Server(uvicorn.Config(create_app(served, api_key), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     port = srv.servers[0].sockets[0].getsockname()[1]
-    yield {"url": f"http://127.0.0.1:{port}", "served": served, "checkpoint": sft_model_dir}
-    srv.should_exit = True
-    thread.join(timeout=10)
-    served.engine.stop()
+    try:
+        yield {"url": f"http://127.0.0.1:{port}", "served": served, "checkpoint": checkpoint}
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        served.engine.stop()
+
+
+@pytest.fixture(scope="module")
+def server(sft_model_dir):
+    with _serving(sft_model_dir, "micro") as s:
+        yield s
+
+
+def scripted_model(tokenizer, chain: list[int]) -> DenseLM:
+    """A dense model whose greedy continuation of chain[i] is chain[i + 1], whatever came before: the
+    blocks add nothing to the residual stream (zero output projections), the chain's embeddings are
+    orthogonal, and each lm_head row points at its predecessor's embedding. Deterministic reasoning and
+    answers for tests of what is done with them."""
+    torch.manual_seed(0)
+    config = make_config("dense", "micro", vocab_size=len(tokenizer), tie_word_embeddings=False)
+    model = DenseLM(config).eval()
+    d = config.hidden_size
+    assert len(chain) <= d
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        basis = torch.linalg.qr(torch.randn(d, d))[0] * d**0.5  # orthogonal rows of RMS 1
+        model.lm_head.weight.zero_()
+        for i, token in enumerate(chain):
+            model.model.embed_tokens.weight[token] = basis[i]
+            if i + 1 < len(chain):
+                model.lm_head.weight[chain[i + 1]] += 10 * basis[i] / d**0.5
+    return model
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory, tokenizer_dir, tokenizer):
+    """A server whose model always thinks 'Add the ones first.' and answers 'So: 42!'"""
+    from models import save_model
+
+    reasoning, answer = "Add the ones first.", "So: 42!"
+    ids = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    newline = ids("\n")[-1]  # the generation prompt ends "<|im_start|>assistant\n"
+    chain = [newline, *ids("<think>"), *ids(reasoning), *ids("</think>"), *ids(answer), *ids("<|im_end|>")]
+    assert len(set(chain)) == len(chain), "the script's tokens must differ"
+    d = tmp_path_factory.mktemp("scripted") / "model"
+    save_model(scripted_model(tokenizer, chain), d, tokenizer_dir)
+    with _serving(d, "scripted") as s:
+        s["expected"] = (reasoning, answer)
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -343,3 +391,117 @@ def test_serve_options_are_checked_before_loading(cli_error, tmp_path):
     cli_error(["serve", "--checkpoint", str(tmp_path), "--slots", "0"], "--slots must be at least 1")
     cli_error(["serve", "--checkpoint", str(tmp_path), "--port", "70000"], "--port must be in 0..65535")
     cli_error(["serve", "--checkpoint", str(tmp_path / "missing")], "missing")
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser():
+    from pathlib import Path
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    assert not missing, f"{missing} not installed: `make test` installs Debian's chromium and chromium-driver"
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,850"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_the_web_page_streams_the_answer_and_folds_the_reasoning_in_a_real_browser(scripted, browser):
+    from pathlib import Path
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 90)
+    server = scripted
+    browser.get(server["url"] + "/")
+    browser.find_element(By.ID, "api-key").send_keys("secret", Keys.TAB)  # the server asks for a key
+    wait.until(lambda d: d.find_element(By.ID, "model").text == "scripted")
+    assert not browser.find_element(By.ID, "image-label").is_displayed()  # a text model: no image upload
+    for field, value in (("temperature", "0"), ("max-tokens", "48")):
+        browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, field).send_keys(value)
+
+    def ask(question: str, turn: int):
+        browser.find_element(By.ID, "input").send_keys(question, Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-finish]")) == turn)
+        reply = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[turn - 1]
+        assert reply.get_attribute("data-finish") in ("stop", "length")
+        reasoning = reply.find_element(By.CSS_SELECTOR, "details.reasoning .text").get_attribute("textContent")
+        return reply, reasoning, reply.find_element(By.CSS_SELECTOR, ".answer").get_attribute("textContent")
+
+    reply, reasoning, answer = ask(QUESTIONS[0], 1)
+    assert (reasoning, answer) == server["expected"]
+    assert (reasoning, answer) == _chat_reference(server["checkpoint"], QUESTIONS[0], max_new_tokens=48)
+    details = reply.find_element(By.CSS_SELECTOR, "details.reasoning")
+    assert details.is_displayed() and details.get_attribute("open") is None  # folded, apart from the answer
+    assert reply.find_element(By.CSS_SELECTOR, ".answer").text == server["expected"][1]
+    details.find_element(By.TAG_NAME, "summary").click()
+    assert details.get_attribute("open") is not None
+    _, _, second = ask(QUESTIONS[1], 2)  # the conversation goes on with its history
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")) == 2 and isinstance(second, str)
+    shot = Path(__file__).resolve().parents[1] / ".cache" / "test-artifacts" / "web-chat.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(shot))
+
+
+def test_reasoning_comes_apart_streamed_and_not(scripted):
+    client = openai.OpenAI(base_url=scripted["url"] + "/v1", api_key="secret", max_retries=0)
+    reasoning, answer = scripted["expected"]
+    msg = [{"role": "user", "content": "What is 40 + 2?"}]
+    r = client.chat.completions.create(model="scripted", messages=msg, temperature=0)
+    assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (reasoning, answer)
+    assert r.choices[0].finish_reason == "stop"
+    kinds, got = [], {"reasoning_content": "", "content": ""}
+    for chunk in client.chat.completions.create(model="scripted", messages=msg, temperature=0, stream=True):
+        for c in chunk.choices:
+            for key in got:
+                piece = getattr(c.delta, key, None)
+                if piece:
+                    got[key] += piece
+                    kinds.append(key)
+    assert got == {"reasoning_content": reasoning, "content": answer}
+    assert kinds == sorted(kinds, key=lambda k: k == "content")  # every reasoning delta before the answer's
+    assert kinds.count("reasoning_content") > 1  # streamed token by token, not sent at the end
+
+
+def test_the_vlm_answers_about_an_image_sent_as_a_data_uri(tmp_path, tokenizer_dir, tokenizer):
+    from PIL import Image
+
+    from models import save_model
+    from train.chat import ChatSession
+
+    text = make_config("dense", "micro", vocab_size=len(tokenizer)).to_dict()
+    torch.manual_seed(0)
+    vlm = VLM(
+        VLMConfig(text_config=text, vision_num_layers=1, image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"))
+    )
+    save_model(vlm, tmp_path / "vlm", tokenizer_dir)
+    image = tmp_path / "red.png"
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(image)
+    session = ChatSession(tmp_path / "vlm", image=str(image), temperature=0.0, max_new_tokens=12)
+    expected = session.reply("What colour is it?")
+    uri = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    with _serving(tmp_path / "vlm", "vlm", api_key=None) as s:
+        client = openai.OpenAI(base_url=s["url"] + "/v1", api_key="none", max_retries=0)
+        assert client.models.list().data[0].vision is True
+        parts = [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "What colour is it?"}]
+        r = client.chat.completions.create(
+            model="vlm", messages=[{"role": "user", "content": parts}], temperature=0, max_tokens=12
+        )
+        assert ((r.choices[0].message.reasoning_content or ""), r.choices[0].message.content) == expected
+        bad = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]
+        with pytest.raises(openai.BadRequestError, match="cannot read the image"):
+            client.chat.completions.create(model="vlm", messages=[{"role": "user", "content": bad}])
+        remote = [{"type": "image_url", "image_url": {"url": "http://example.invalid/cat.png"}}]
+        with pytest.raises(openai.BadRequestError, match="data URI"):
+            client.chat.completions.create(model="vlm", messages=[{"role": "user", "content": remote}])

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API (FastAPI): /v1/chat/completions (streamed over server-sent events or not),
+"""The OpenAI-compatible API (FastAPI) and a web chat page at / (chat.html): /v1/chat/completions (streamed over server-sent events or not),
 /v1/completions, /v1/models, /health. The reasoning comes apart from the answer as `reasoning_content`
 (as vLLM, SGLang and DeepSeek's API return it), streamed as its own deltas; `chat_template_kwargs:
 {"enable_thinking": false}` switches thinking off per request. Bad requests get OpenAI's error shape
@@ -16,12 +16,13 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -307,6 +308,12 @@ def create_app(served: Served, api_key: str | None = None) -> FastAPI:
                 "model_not_found",
             )
 
+    page = (Path(__file__).parent / "chat.html").read_text()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        return page
+
     @app.get("/health")
     async def health():
         engine = served.engine
@@ -323,6 +330,7 @@ def create_app(served: Served, api_key: str | None = None) -> FastAPI:
     async def models():
         card = {"id": served.model_id, "object": "model", "created": served.created, "owned_by": "llm-scratch"}
         card["max_model_len"] = served.context
+        card["vision"] = bool(served.image_tokens)  # the web page offers an image upload
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")
@@ -433,8 +441,6 @@ async def _completion_stream(served, head, requests, texts):
 
 def served_model(checkpoint, slots: int, model_id: str | None = None) -> Served:
     """Load a checkpoint, run or transformers directory and start its engine."""
-    from pathlib import Path
-
     from models import load_pretrained
     from models.chat_format import PAD, STOP_TOKENS
 
