@@ -68,3 +68,18 @@ CHAT_TEMPLATE = r"""{%- set ns = namespace(last_user=-1) -%}
 {{- '<|im_start|>assistant\n' -}}
 {%- if enable_thinking is false -%}{{- '<think>\n\n</think>\n\n' -}}{%- endif -%}
 {%- endif -%}"""
+
+
+# How transformers turns a generated reply back into a message (its `response_template`, read by
+# `tokenizer.parse_response` and the text-generation pipeline, transformers >= 5.13): the reasoning
+# inside <think>...</think> as `reasoning_content`, the rest up to the end of the turn as `content`,
+# both stripped of the newlines around them, the same split as models/think.py makes.
+RESPONSE_TEMPLATE = {
+    "version": 1,
+    "start_anchor": ASSISTANT_HEADER,
+    "defaults": {"role": "assistant"},
+    "fields": {
+        "reasoning_content": {"open": THINK_START, "close": THINK_END},
+        "content": {"close": [IM_END, ENDOFTEXT]},
+    },
+}

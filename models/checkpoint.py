@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .chat_format import RESPONSE_TEMPLATE
 from .config import ConfigError, load_config, save_config
 from .registry import build_model
 
@@ -109,7 +110,8 @@ def make_tokenizer_config_portable(d: str | Path) -> None:
     """Rewrite a tokenizer_config.json so that transformers 4.x and 5.x load it alike (4.x is what
     llama.cpp's converter and vLLM's CPU build use): the generic fast class, and the extra special
     tokens under their 4.x name as a list (5.x writes `extra_special_tokens` as a list, which 4.x reads
-    as a dict and fails on; 5.x still reads the 4.x name)."""
+    as a dict and fails on; 5.x still reads the 4.x name). It also declares the response template, so
+    that transformers' pipeline returns the reasoning apart from the answer."""
     path = Path(d) / "tokenizer_config.json"
     if not path.exists():
         return
@@ -121,6 +123,7 @@ def make_tokenizer_config_portable(d: str | Path) -> None:
         config["additional_special_tokens"] = list(dict.fromkeys(config.get("additional_special_tokens", []) + extra))
     config.pop("backend", None)
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["response_template"] = RESPONSE_TEMPLATE
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
 
 

@@ -110,3 +110,46 @@ def cli_error(capsys):
         return err
 
     return run
+
+
+def scripted_model(tokenizer, chain: list[int]):
+    """A dense model whose greedy continuation of chain[i] is chain[i + 1], whatever came before: the
+    blocks add nothing to the residual stream (zero output projections), the chain's embeddings are
+    orthogonal, and each lm_head row points at its predecessor's embedding. Deterministic reasoning and
+    answers for tests of what is done with them."""
+    import torch
+
+    from models import DenseLM, make_config
+
+    torch.manual_seed(0)
+    config = make_config("dense", "micro", vocab_size=len(tokenizer), tie_word_embeddings=False)
+    model = DenseLM(config).eval()
+    d = config.hidden_size
+    assert len(chain) <= d
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        basis = torch.linalg.qr(torch.randn(d, d))[0] * d**0.5  # orthogonal rows of RMS 1
+        model.lm_head.weight.zero_()
+        for i, token in enumerate(chain):
+            model.model.embed_tokens.weight[token] = basis[i]
+            if i + 1 < len(chain):
+                model.lm_head.weight[chain[i + 1]] += 10 * basis[i] / d**0.5
+    return model
+
+
+@pytest.fixture(scope="session")
+def scripted_checkpoint(tmp_path_factory, tokenizer_dir, tokenizer):
+    """(checkpoint, reasoning, answer): a model that, asked anything in the chat format, always thinks
+    'Add the ones first.' and answers 'So: 42!' (then <|im_end|>)."""
+    from models import save_model
+
+    reasoning, answer = "Add the ones first.", "So: 42!"
+    ids = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    newline = ids("\n")[-1]  # the generation prompt ends "<|im_start|>assistant\n"
+    chain = [newline, *ids("<think>"), *ids(reasoning), *ids("</think>"), *ids(answer), *ids("<|im_end|>")]
+    assert len(set(chain)) == len(chain), "the script's tokens must differ"
+    d = tmp_path_factory.mktemp("scripted") / "model"
+    save_model(scripted_model(tokenizer, chain), d, tokenizer_dir)
+    return d, reasoning, answer

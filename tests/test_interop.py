@@ -127,3 +127,14 @@ def test_the_exports_load_in_transformers_4_57_alike(exports):
             assert theirs[name][key] == ours[name][key], (name, key)
     assert theirs[names[0]]["rope_theta"] == 50000.0  # 4.x reads it from the top level
     assert theirs[names[1]]["scoring_func"] == "sigmoid"
+
+
+def test_the_text_generation_pipeline_returns_the_reasoning_apart(scripted_checkpoint, tmp_path):
+    from transformers import pipeline
+
+    checkpoint, reasoning, answer = scripted_checkpoint
+    hf = export_hf(checkpoint, tmp_path / "hf")
+    chat = pipeline("text-generation", model=str(hf), device="cpu")
+    out = chat([{"role": "user", "content": "What is 40 + 2?"}], max_new_tokens=30, do_sample=False)
+    message = out[0]["generated_text"][-1]
+    assert message == {"role": "assistant", "reasoning_content": reasoning, "content": answer}
