@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llm-scratch-installed
 
-.PHONY: demo test test-fast lint bench gpu-wheels install clean browser
+.PHONY: demo test test-fast lint bench gpu-wheels install clean browser llama-cpp
 
 install: $(STAMP)
 
@@ -56,6 +56,17 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -p no:cacheprovider --benchmark-json=.benchmarks/cpu.json
 	$(BIN)/python -m benchmarks.report .benchmarks/cpu.json
 	$(BIN)/python -m benchmarks.deepspeed_steps
+
+# llama.cpp (through llama-cpp-python, built from its source distribution: minutes on 2 cores) in an
+# environment of its own, for the slow test that runs our GGUF exports in llama.cpp itself. CI runs that
+# test only where this build is cached.
+LLAMA_VENV := .cache/llama-cpp
+llama-cpp: $(LLAMA_VENV)/.built
+
+$(LLAMA_VENV)/.built:
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(LLAMA_VENV)/bin/pip install -q "llama-cpp-python==0.3.36" numpy
+	touch $@
 
 # Pure-Python wheels the GPU machine (no network, Python 3.12) may lack, for benchmarks/gpu_suite.sh.
 gpu-wheels: $(STAMP)

@@ -129,9 +129,16 @@ def cmd_verify(ns) -> None:
 
 def cmd_export(ns) -> None:
     from models import export_hf
+    from models.convert import export_gguf
 
     if ns.consolidate_zero:
         print(f"consolidating the DeepSpeed ZeRO shards of {ns.checkpoint} (unpickled: trusted files only)")
+    if ns.format == "gguf":
+        out = export_gguf(ns.checkpoint, ns.out, ns.gguf_type, consolidate_zero=ns.consolidate_zero)
+        print(f"exported a GGUF file ({ns.gguf_type}) to {out}")
+        return
+    if ns.gguf_type != "f16":
+        raise UserError("--gguf-type is for --format gguf")
     out = export_hf(ns.checkpoint, ns.out, consolidate_zero=ns.consolidate_zero)
     print(f"exported a transformers checkpoint to {out}")
 
@@ -227,9 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="keep the outputs here (default: a temporary directory)")
     s.set_defaults(fn=cmd_verify)
 
-    s = sub.add_parser("export", help="write a native transformers checkpoint")
+    s = sub.add_parser("export", help="write a native transformers checkpoint, or a GGUF file for llama.cpp")
     s.add_argument("--checkpoint", required=True, help="a checkpoint, run or transformers directory")
-    s.add_argument("--out", required=True, help="a new or empty directory, or an earlier export (replaced whole)")
+    s.add_argument(
+        "--out",
+        required=True,
+        help="transformers: a new or empty directory, or an earlier export (replaced whole); gguf: a file",
+    )
+    s.add_argument("--format", choices=("transformers", "gguf"), default="transformers")
+    s.add_argument(
+        "--gguf-type", choices=("f32", "f16", "bf16", "q8_0"), default="f16", help="GGUF weight type (default f16)"
+    )
     s.add_argument(
         "--consolidate-zero",
         action="store_true",

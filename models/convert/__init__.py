@@ -110,6 +110,25 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, consolidate_zero: boo
     return out
 
 
+def export_gguf(checkpoint: str | Path, out_file: str | Path, fmt: str = "f16", consolidate_zero: bool = False) -> Path:
+    """One GGUF file (llama.cpp) from one of our checkpoints or run directories, or a transformers
+    directory: the dense model as `qwen2`, the MoE model as `deepseek2` (models/convert/gguf_file.py).
+    OUT is a new file or an earlier GGUF file, replaced whole."""
+    from .gguf_file import export_gguf as write_gguf
+
+    p = Path(checkpoint)
+    src = p if is_transformers_dir(p) else resolve_checkpoint(p)
+    out = Path(out_file)
+    if out.is_dir():
+        raise CheckpointError(f"{out}: a directory; a GGUF export is one file (for example {out / 'model.gguf'})")
+    if out.exists():
+        with open(out, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise CheckpointError(f"{out}: exists and is not a GGUF file; it is left as it is")
+    model = import_hf(src) if is_transformers_dir(src) else load_model(src, consolidate_zero=consolidate_zero)
+    return write_gguf(model, src, out, fmt, name=src.resolve().name)
+
+
 def import_hf(hf_dir: str | Path) -> torch.nn.Module:
     """Our model from a transformers `Qwen2ForCausalLM`, `DeepseekV3ForCausalLM` or
     `LlavaForConditionalGeneration` directory (strict)."""

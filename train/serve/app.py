@@ -1,8 +1,9 @@
-"""The OpenAI-compatible API (FastAPI) and a web chat page at / (chat.html): /v1/chat/completions (streamed over server-sent events or not),
-/v1/completions, /v1/models, /health. The reasoning comes apart from the answer as `reasoning_content`
-(as vLLM, SGLang and DeepSeek's API return it), streamed as its own deltas; `chat_template_kwargs:
-{"enable_thinking": false}` switches thinking off per request. Bad requests get OpenAI's error shape
-({"error": {"message", "type", "param", "code"}}) with the matching status, never a traceback."""
+"""The OpenAI-compatible API (FastAPI) and a web chat page at / (chat.html): /v1/chat/completions
+(streamed over server-sent events or not), /v1/completions, /v1/models, /health. The reasoning comes
+apart from the answer as `reasoning_content` (as vLLM, SGLang and DeepSeek's API return it), streamed
+as its own deltas; `chat_template_kwargs: {"enable_thinking": false}` switches thinking off per
+request. Bad requests get OpenAI's error shape ({"error": {"message", "type", "param", "code"}}) with
+the matching status, never a traceback."""
 
 from __future__ import annotations
 
