@@ -127,15 +127,20 @@ def _dense_tensors(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _dense_params(writer, c) -> None:
+def _common_params(writer, c, head_count_kv: int) -> None:
+    """The hyperparameters every architecture declares."""
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_block_count(c.num_hidden_layers)
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_head_count_kv(head_count_kv)
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+
+
+def _dense_params(writer, c) -> None:
+    _common_params(writer, c, c.num_key_value_heads)
 
 
 # DeepSeek-V3 (transformers names, from to_deepseek_state) -> GGUF names, per layer
@@ -189,14 +194,7 @@ def _moe_tensors(model) -> dict[str, torch.Tensor]:
 
 def _moe_params(writer, c) -> None:
     gguf = _gguf()
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(1)  # MLA decodes as one shared latent head
-    writer.add_rope_freq_base(c.rope_theta)
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    _common_params(writer, c, 1)  # MLA decodes as one shared latent head
     writer.add_leading_dense_block_count(c.first_k_dense_replace)
     writer.add_vocab_size(c.vocab_size)
     writer.add_q_lora_rank(c.q_lora_rank or 0)  # 0: a plain q_proj (llama.cpp requires the key)

@@ -222,6 +222,16 @@ def _decode_requests(body: _Body, served: Served, prompt: list[int], max_new: in
     return out
 
 
+def _choices(body: _Body, served: Served, prompt, max_new: int, pixels, chat: bool):
+    """The request's n sequences to decode, and the text pipeline of each."""
+    try:
+        requests = _decode_requests(body, served, prompt, max_new, pixels)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return requests, [ReplyText(served.tokenizer, served.stop_ids, stop, chat=chat) for _ in requests]
+
+
 def _finish_reason(reason: str, stopped_by_text: bool) -> str:
     if stopped_by_text:
         return "stop"
@@ -345,12 +355,7 @@ def create_app(served: Served, api_key: str | None = None) -> FastAPI:
             raise APIError(400, f"messages: {IMAGE} is written in the text; send images as image_url parts", "messages")
         prompt = encode_prompt(served.tokenizer, messages, think, served.image_tokens)
         max_new = _limits(served, len(prompt), body.max_completion_tokens or body.max_tokens)
-        try:
-            requests = _decode_requests(body, served, prompt, max_new, pixels)
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        texts = [ReplyText(served.tokenizer, served.stop_ids, stop, chat=True) for _ in requests]
+        requests, texts = _choices(body, served, prompt, max_new, pixels, chat=True)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": served.model_id}
         if body.stream:
@@ -386,12 +391,7 @@ def create_app(served: Served, api_key: str | None = None) -> FastAPI:
         if not prompt:
             raise APIError(400, "prompt: empty", "prompt")
         max_new = _limits(served, len(prompt), body.max_tokens)
-        try:
-            requests = _decode_requests(body, served, prompt, max_new, None)
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        texts = [ReplyText(served.tokenizer, served.stop_ids, stop, chat=False) for _ in requests]
+        requests, texts = _choices(body, served, prompt, max_new, None, chat=False)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": served.model_id}
         if body.stream:
