@@ -60,6 +60,14 @@ def test_held_out_loss_falls(synthetic_dir, tokenizer_dir, tmp_path):
     recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in recs if "eval_loss" in r] == [0, 40, 80]
     assert all(r["tokens_per_s"] > 0 and r["tokens"] == 1024 for r in recs if "loss" in r)
+    # model FLOPs per step from the config (16 rows of 64), achieved FLOP/s; no MFU without a known peak (CPU)
+    from models import load_config
+    from models.flops import training_flops
+
+    config = load_config(tmp_path / "run" / "checkpoints" / "step_0000080" / "model_config.json")
+    steps = [r for r in recs if "loss" in r]
+    assert all(r["flops"] == training_flops(config, 16, 64) and r["tflops_per_s"] > 0 for r in steps)
+    assert not any("mfu" in r for r in recs)
     assert (tmp_path / "run" / "loss.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["end_step"] == 80
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 import kernels
 from models import IGNORE_INDEX, TrainableModel
 from models.checkpoint import atomic_write
+from models.flops import peak_flops, training_flops
 
 from ..data.batches import BatchOrder, collate
 from ..errors import UserError
@@ -108,6 +109,8 @@ class Trainer:
         self.title = title
         torch.manual_seed(args.seed)
         self.model = model.to(self.device)
+        # MFU needs the device's peak: known GPUs only (models/flops.py), never a CPU
+        self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.engine = make_engine(
             self.model, self.optim_cfg, self.device, args.deepspeed, args.batch_size, args.expert_parallel_size
         )
@@ -244,7 +247,7 @@ class Trainer:
         weights = [float(self.weight_fn(b)) for b in batches]
         total = max(all_reduce_sum({"w": sum(weights)}, self.device)["w"], 1e-12)
         sums: dict[str, float] = {}
-        tokens = 0
+        tokens, flops = 0, 0.0
         for batch, w in zip(batches, weights):
             with self._autocast():
                 loss, stats = self.loss_fn(self.engine.module, batch)
@@ -252,13 +255,17 @@ class Trainer:
             for k, v in {"loss": float(loss.detach()), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + v * w
             tokens += int(batch["input_ids"].numel())
+            images = batch.get("pixel_values")
+            rows, length = batch["input_ids"].shape[:2]
+            flops += training_flops(self.model.config, rows, length, 0 if images is None else len(images))
         lr = self.engine.lr
         grad_norm = self.engine.step()
         model_stats = self.model.after_optimizer_step(all_reduce_sum_)  # the MoE model's expert-bias update
         self.step += 1
         self.tokens_seen += tokens * world
         means = {k: v / total for k, v in all_reduce_sum(sums, self.device).items()}
-        return {**means, **model_stats, "lr": lr, "grad_norm": grad_norm, "tokens": tokens * world}
+        step = {"lr": lr, "grad_norm": grad_norm, "tokens": tokens * world, "flops": flops * world}
+        return {**means, **model_stats, **step}
 
     # ------------------------------------------------------------------ the loop
 
@@ -323,6 +330,9 @@ class Trainer:
             rec = self.train_step()
             dt = time.perf_counter() - t0
             rec = {"step": self.step, **rec, "tokens_per_s": rec["tokens"] / dt, "tokens_seen": self.tokens_seen}
+            rec["tflops_per_s"] = rec["flops"] / dt / 1e12  # model FLOPs (models/flops.py), every rank
+            if self.peak_flops:
+                rec["mfu"] = rec["flops"] / dt / (self.peak_flops * self.world_size)
             summary.setdefault("first_loss", rec["loss"])
             finite = math.isfinite(rec["loss"]) and (rec["grad_norm"] is None or math.isfinite(rec["grad_norm"]))
             if not finite:
@@ -331,7 +341,10 @@ class Trainer:
                 log.write(rec)
             if not finite:
                 self._nonfinite_step(rec, bar)  # raises unless the step may be skipped (nothing was applied)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            postfix = dict(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if "mfu" in rec:
+                postfix["mfu"] = f"{rec['mfu']:.1%}"
+            bar.set_postfix(**postfix)
             bar.update(1)
             if self.args.eval_every and (self.step % self.args.eval_every == 0 or self.step == end):
                 ev = self.evaluate()
