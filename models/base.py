@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .layers import build_attention_mask
 
@@ -50,6 +51,17 @@ class TrainableModel(Protocol):
         statistics for the log (the MoE model's expert-bias update and load balance)."""
         ...
 
+    def set_activation_checkpointing(self, every: int) -> None:
+        """Recompute every `every`-th decoder layer's activations in the backward instead of keeping them
+        (0: keep all)."""
+        ...
+
+
+def in_recomputation() -> bool:
+    """True while autograd runs a backward pass: a layer's forward runs then only to recompute the
+    activations activation checkpointing dropped (statistics gathered in forward must not count it twice)."""
+    return torch._C._current_graph_task_id() != -1
+
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy (fp32) over the positions whose target is not IGNORE_INDEX."""
@@ -76,6 +88,19 @@ class CausalLMBase(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    checkpoint_every = 0  # activation checkpointing: every k-th decoder layer (0: off)
+
+    def set_activation_checkpointing(self, every: int) -> None:
+        if every < 0:
+            raise ValueError(f"activation checkpointing takes every k-th layer, k >= 0; got {every}")
+        self.checkpoint_every = every
+
+    def run_layer(self, i: int, layer: nn.Module, *args, **kwargs):
+        """layer(*args, **kwargs), its activations recomputed in the backward when it is a checkpointed layer."""
+        if self.checkpoint_every and i % self.checkpoint_every == 0 and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, **kwargs)
+        return layer(*args, **kwargs)
 
     def init_weights(self, is_norm) -> None:
         """Normal(0, initializer_range) matrices, zero biases, unit norms; residual outputs scaled by

@@ -120,8 +120,8 @@ class MoELM(CausalLMBase):
         """As DenseLM.forward; with a cache, attention runs on the latent cache with absorbed weights."""
         h, cos, sin, mask = self.prepare(input_ids, inputs_embeds, attention_mask, position_ids, segment_ids, kv_cache)
         balances = []
-        for layer in self.model.layers:
-            h, balance = layer(h, cos, sin, mask, kv_cache, with_balance=targets is not None)
+        for i, layer in enumerate(self.model.layers):
+            h, balance = self.run_layer(i, layer, h, cos, sin, mask, kv_cache, with_balance=targets is not None)
             if balance is not None:
                 balances.append(balance)
         if kv_cache is not None:

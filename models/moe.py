@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import kernels
 
+from .base import in_recomputation
 from .config import MoEConfig
 from .layers import SwiGLUMLP
 
@@ -115,7 +116,7 @@ class DeepSeekMoE(nn.Module):
         y = self.routed(flat, idx, weight).view(b, t, h)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and not in_recomputation():
             counts = torch.bincount(idx.reshape(-1), minlength=self.n_routed_experts).float()
             self.load = counts if self.load is None else self.load + counts
         if not with_balance:  # generation: no loss to add it to

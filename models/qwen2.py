@@ -80,8 +80,8 @@ class DenseLM(CausalLMBase):
         documents that must not see each other. position_ids [B, T]: default past..past+T-1.
         """
         h, cos, sin, mask = self.prepare(input_ids, inputs_embeds, attention_mask, position_ids, segment_ids, kv_cache)
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, mask, kv_cache)
+        for i, layer in enumerate(self.model.layers):
+            h = self.run_layer(i, layer, h, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(h.shape[1])
         logits = self.lm_head(self.model.norm(h))

@@ -47,6 +47,16 @@ def add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_s
         help="skip up to this many steps whose loss or gradient is not finite (PyTorch engine); one more "
         "stops the run, without saving",
     )
+    g.add_argument(
+        "--activation-checkpointing",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        metavar="K",
+        help="keep no activations inside every K-th decoder layer (default K=1: every layer) and recompute them "
+        "in the backward: less memory for one more forward",
+    )
     add_kernels_arg(g)
     g = p.add_argument_group("distributed")
     g.add_argument(
@@ -91,6 +101,7 @@ def train_args_from(ns: argparse.Namespace) -> tuple[TrainArgs, OptimConfig]:
         expert_parallel_size=ns.expert_parallel_size,
         kernels=ns.kernels,
         max_nonfinite_steps=ns.max_nonfinite_steps,
+        activation_checkpointing=ns.activation_checkpointing,
     )
     optim = OptimConfig(
         lr=ns.lr,
@@ -116,7 +127,7 @@ def check_train_options(ns: argparse.Namespace) -> None:
     for name in at_least_one:
         if getattr(ns, name) < 1:
             raise UserError(f"{_option(name)} must be at least 1, got {getattr(ns, name)}")
-    for name in ("warmup_steps", "eval_every", "keep_checkpoints", "max_nonfinite_steps"):
+    for name in ("warmup_steps", "eval_every", "keep_checkpoints", "max_nonfinite_steps", "activation_checkpointing"):
         if getattr(ns, name) < 0:
             raise UserError(f"{_option(name)} must not be negative, got {getattr(ns, name)}")
     if ns.stop_after is not None and ns.stop_after < 1:

@@ -55,6 +55,7 @@ class TrainArgs:
     expert_parallel_size: int = 1  # MoE: split the routed experts over groups of this many ranks
     kernels: str | None = None  # kernel backend for this run (None: the process's setting)
     max_nonfinite_steps: int = 0  # steps with a non-finite loss or gradient skipped before the run stops
+    activation_checkpointing: int = 0  # recompute every k-th decoder layer's activations in the backward (0: off)
 
 
 def pick_device(name: str) -> torch.device:
@@ -109,6 +110,7 @@ class Trainer:
         self.title = title
         torch.manual_seed(args.seed)
         self.model = model.to(self.device)
+        self.model.set_activation_checkpointing(args.activation_checkpointing)
         # MFU needs the device's peak: known GPUs only (models/flops.py), never a CPU
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.engine = make_engine(
