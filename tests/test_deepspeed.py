@@ -344,3 +344,16 @@ def test_moe_under_zero_matches_one_process(config, moe_reference, synthetic_dir
     model = load_pretrained(out)
     assert type(model).__name__ == "MoELM"
     assert any(b.gate.e_score_correction_bias.abs().sum() > 0 for b in model.moe_blocks())  # the bias was saved
+
+
+@pytest.mark.slow
+def test_moe_under_zero3_with_activation_checkpointing_matches_one_process(
+    moe_reference, synthetic_dir, tokenizer_dir, tmp_path
+):
+    """Every decoder layer recomputed in the backward while ZeRO-3 gathers its partitioned parameters
+    again for the recomputation: the losses (and so the routing and the expert-bias updates) are one
+    process's without checkpointing."""
+    out = tmp_path / "run"
+    args = _common(synthetic_dir, tokenizer_dir, out) + ["--model", "moe", "--activation-checkpointing"]
+    _launch("deepspeed", args, "zero3.json")
+    _assert_same(_losses(out), moe_reference)
