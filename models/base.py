@@ -56,6 +56,10 @@ class TrainableModel(Protocol):
         (0: keep all)."""
         ...
 
+    def compile_layers(self) -> None:
+        """torch.compile each decoder layer in place (parameter names unchanged)."""
+        ...
+
 
 def in_recomputation() -> bool:
     """True while autograd runs a backward pass: a layer's forward runs then only to recompute the
@@ -95,6 +99,10 @@ class CausalLMBase(nn.Module):
         if every < 0:
             raise ValueError(f"activation checkpointing takes every k-th layer, k >= 0; got {every}")
         self.checkpoint_every = every
+
+    def compile_layers(self) -> None:
+        for layer in self.model.layers:
+            layer.compile()
 
     def run_layer(self, i: int, layer: nn.Module, *args, **kwargs):
         """layer(*args, **kwargs), its activations recomputed in the backward when it is a checkpointed layer."""

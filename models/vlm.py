@@ -54,6 +54,9 @@ class VLM(nn.Module):
     def set_activation_checkpointing(self, every: int) -> None:
         self.language_model.set_activation_checkpointing(every)  # the vision tower is small beside it
 
+    def compile_layers(self) -> None:
+        self.language_model.compile_layers()
+
     def make_kv_cache(self, batch: int, max_len: int, dtype=None, device=None):
         return self.language_model.make_kv_cache(batch, max_len, dtype, device)
 

@@ -357,3 +357,14 @@ def test_moe_under_zero3_with_activation_checkpointing_matches_one_process(
     args = _common(synthetic_dir, tokenizer_dir, out) + ["--model", "moe", "--activation-checkpointing"]
     _launch("deepspeed", args, "zero3.json")
     _assert_same(_losses(out), moe_reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_compiled_layers_on_two_ranks_match_one_process(launcher, reference, synthetic_dir, tokenizer_dir, tmp_path):
+    """--compile (each decoder layer through torch.compile) under DeepSpeed ZeRO-2 and under DDP: one
+    eager process's losses."""
+    out = tmp_path / "run"
+    args = _common(synthetic_dir, tokenizer_dir, out) + ["--compile"]
+    _launch(launcher, args, "zero2.json" if launcher == "deepspeed" else None)
+    _assert_same(_losses(out), reference)

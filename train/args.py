@@ -57,6 +57,11 @@ def add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_s
         help="keep no activations inside every K-th decoder layer (default K=1: every layer) and recompute them "
         "in the backward: less memory for one more forward",
     )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each decoder layer (the first steps pay the compilation)",
+    )
     add_kernels_arg(g)
     g = p.add_argument_group("distributed")
     g.add_argument(
@@ -102,6 +107,7 @@ def train_args_from(ns: argparse.Namespace) -> tuple[TrainArgs, OptimConfig]:
         kernels=ns.kernels,
         max_nonfinite_steps=ns.max_nonfinite_steps,
         activation_checkpointing=ns.activation_checkpointing,
+        compile=ns.compile,
     )
     optim = OptimConfig(
         lr=ns.lr,

@@ -56,6 +56,7 @@ class TrainArgs:
     kernels: str | None = None  # kernel backend for this run (None: the process's setting)
     max_nonfinite_steps: int = 0  # steps with a non-finite loss or gradient skipped before the run stops
     activation_checkpointing: int = 0  # recompute every k-th decoder layer's activations in the backward (0: off)
+    compile: bool = False  # torch.compile each decoder layer
 
 
 def pick_device(name: str) -> torch.device:
@@ -111,6 +112,8 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.model = model.to(self.device)
         self.model.set_activation_checkpointing(args.activation_checkpointing)
+        if args.compile:
+            self.model.compile_layers()
         # MFU needs the device's peak: known GPUs only (models/flops.py), never a CPU
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.engine = make_engine(
