@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import write_table
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
@@ -96,14 +98,7 @@ def run(
         "gradients, allocator slack); gradients are the same size in every row, so the activations' share "
         "shrinks by more than the ratio shows. Recomputation costs about one more forward per checkpointed layer.",
     ]
-    out_dir = Path(out_dir) if out_dir is not None else ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{date}-cpu-activation-memory.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    print("\n".join(lines))
-    return path
+    return write_table(lines, f"{date}-cpu-activation-memory.md", out_dir)
 
 
 def main() -> None:

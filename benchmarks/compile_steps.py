@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.report import write_table
 
 
 def _steps(kind: str, compiled: bool, batch: int, seq: int, steps: int, warmup: int) -> tuple[float, float]:
@@ -66,14 +66,7 @@ def run(batch: int = 8, seq: int = 256, steps: int = 10, warmup: int = 3, out_di
         "The MoE layers break the compiled graph where their dispatch depends on the routing (tokens per expert "
         "are data: `bincount`, the segment table's sizes), so only the parts between those points are fused.",
     ]
-    out_dir = Path(out_dir) if out_dir is not None else ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{date}-cpu-compile-steps.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    print("\n".join(lines))
-    return path
+    return write_table(lines, f"{date}-cpu-compile-steps.md", out_dir)
 
 
 def main() -> None:

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.report import write_table
+
 BIN = Path(sys.executable).parent
 
 
@@ -159,14 +160,7 @@ def run(levels=(1, 4, 16, 64), max_tokens: int = 64, preset: str = "tiny", out_d
         "is prefilled alone first), so time to first token grows with the number of prompts waiting to be "
         "prefilled; every decode step then serves every active stream at once.",
     ]
-    out_dir = Path(out_dir) if out_dir is not None else ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{date}-cpu-serve-load.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    print("\n".join(lines))
-    return path
+    return write_table(lines, f"{date}-cpu-serve-load.md", out_dir)
 
 
 def main() -> None:

@@ -153,3 +153,22 @@ def scripted_checkpoint(tmp_path_factory, tokenizer_dir, tokenizer):
     d = tmp_path_factory.mktemp("scripted") / "model"
     save_model(scripted_model(tokenizer, chain), d, tokenizer_dir)
     return d, reasoning, answer
+
+
+@pytest.fixture
+def micro_losses(synthetic_dir, tokenizer_dir):
+    """run(out, *options) -> the per-step losses of a short micro pretraining run (4 rows of 32 tokens)."""
+    import json
+
+    from train.pretrain import main as pretrain_main
+
+    def run(out, *extra, steps: int = 4) -> list[float]:
+        pretrain_main(
+            ["--data", str(synthetic_dir / "pretrain_train.jsonl"), "--tokenizer", str(tokenizer_dir)]
+            + ["--out", str(out), "--preset", "micro", "--seq-len", "32", "--batch-size", "4"]
+            + ["--max-steps", str(steps), "--eval-every", "0", "--no-progress", *extra]
+        )
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+
+    return run

@@ -5,8 +5,6 @@ not counted again by the recomputation; a pretraining run gives the same losses 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -78,16 +76,7 @@ def test_checkpointing_saves_activation_memory():
     assert checkpointed < kept / 2, (kept, checkpointed)
 
 
-def test_pretraining_with_checkpointing_gives_the_same_losses(synthetic_dir, tokenizer_dir, tmp_path):
-    from train.pretrain import main as pretrain_main
-
-    def run(out, *extra):
-        pretrain_main(
-            ["--data", str(synthetic_dir / "pretrain_train.jsonl"), "--tokenizer", str(tokenizer_dir)]
-            + ["--out", str(out), "--preset", "micro", "--seq-len", "32", "--batch-size", "4", "--max-steps", "3"]
-            + ["--eval-every", "0", "--no-progress", *extra]
-        )
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
-
-    assert run(tmp_path / "plain") == run(tmp_path / "ckpt", "--activation-checkpointing")
+def test_pretraining_with_checkpointing_gives_the_same_losses(micro_losses, tmp_path):
+    assert micro_losses(tmp_path / "plain", steps=3) == micro_losses(
+        tmp_path / "ckpt", "--activation-checkpointing", steps=3
+    )

@@ -4,8 +4,6 @@ way); a compiled pretraining run gives eager's losses, and resumes."""
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from models import DenseLM, make_config
@@ -32,20 +30,9 @@ def test_compiled_layers_give_eagers_loss_and_gradients():
         torch.testing.assert_close(g, eager_grads[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_compiled_pretraining_matches_eager_and_resumes(synthetic_dir, tokenizer_dir, tmp_path):
-    from train.pretrain import main as pretrain_main
-
-    def run(out, *extra):
-        pretrain_main(
-            ["--data", str(synthetic_dir / "pretrain_train.jsonl"), "--tokenizer", str(tokenizer_dir)]
-            + ["--out", str(out), "--preset", "micro", "--seq-len", "32", "--batch-size", "4", "--max-steps", "4"]
-            + ["--eval-every", "0", "--no-progress", *extra]
-        )
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
-
-    eager = run(tmp_path / "eager")
-    run(tmp_path / "compiled", "--compile", "--stop-after", "2")
-    compiled = run(tmp_path / "compiled", "--compile", "--resume")
+def test_compiled_pretraining_matches_eager_and_resumes(micro_losses, tmp_path):
+    eager = micro_losses(tmp_path / "eager")
+    micro_losses(tmp_path / "compiled", "--compile", "--stop-after", "2")
+    compiled = micro_losses(tmp_path / "compiled", "--compile", "--resume")
     assert len(compiled) == 4
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=0)
