@@ -88,8 +88,51 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-class KVCache:
-    """Preallocated per-layer key/value buffers for generation: [B, H_kv, max_len, D]."""
+class LayerCache:
+    """Preallocated per-layer buffers for generation, written along one time axis. A subclass names its
+    buffer lists (BUFFERS, one list per kind, one tensor per layer) and the axis (TIME_DIM)."""
+
+    BUFFERS: tuple[str, ...] = ()
+    TIME_DIM = 1
+    NAME = "cache"
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.length = 0  # tokens already stored (same for every layer once a forward finishes)
+
+    def update(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Write this step's tensors (one per kind, in BUFFERS order) after the stored ones; return each
+        kind's whole stored sequence for the layer."""
+        d = self.TIME_DIM
+        start, end = self.length, self.length + new[0].shape[d]
+        if end > self.max_len:
+            raise ValueError(f"{self.NAME} holds {self.max_len} positions; this step needs {end}")
+        out = []
+        for name, x in zip(self.BUFFERS, new):
+            buf = getattr(self, name)[layer]
+            buf.narrow(d, start, end - start).copy_(x)
+            out.append(buf.narrow(d, 0, end))
+        return tuple(out)
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every buffer, each [B, ..., max_len (at TIME_DIM), ...] (for continuous batching)."""
+        return [t for name in self.BUFFERS for t in getattr(self, name)]
+
+    def rows(self, n: int):
+        """A cache over the first n rows, sharing this one's storage."""
+        view = copy.copy(self)
+        for name in self.BUFFERS:
+            setattr(view, name, [t[:n] for t in getattr(self, name)])
+        return view
+
+
+class KVCache(LayerCache):
+    """Per layer: keys and values [B, H_kv, max_len, D]."""
+
+    BUFFERS, TIME_DIM, NAME = ("k", "v"), 2, "KV cache"
 
     def __init__(
         self,
@@ -101,34 +144,10 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ):
+        super().__init__(max_len)
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.max_len = max_len
-        self.length = 0  # tokens already stored (same for every layer once a forward finishes)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; this step needs {end}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    TIME_DIM = 2
-
-    def buffers(self) -> list[torch.Tensor]:
-        """Every buffer, each [B, ..., max_len (at TIME_DIM), ...] (for continuous batching)."""
-        return self.k + self.v
-
-    def rows(self, n: int) -> KVCache:
-        """A cache over the first n rows, sharing this one's storage."""
-        view = copy.copy(self)
-        view.k, view.v = [t[:n] for t in self.k], [t[:n] for t in self.v]
-        return view
 
 
 def build_attention_mask(

@@ -15,18 +15,18 @@ Parameter names are transformers' DeepseekV3Attention's.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
 
 import kernels
 
-from .layers import RMSNorm, yarn_mscale
+from .layers import LayerCache, RMSNorm, yarn_mscale
 
 
-class LatentKVCache:
+class LatentKVCache(LayerCache):
     """Per layer: the normalised KV latent [B, max_len, R] and the rotated rope key [B, max_len, Dr]."""
+
+    BUFFERS, TIME_DIM, NAME = ("c_kv", "k_rope"), 1, "latent cache"
 
     def __init__(
         self,
@@ -38,33 +38,9 @@ class LatentKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ):
+        super().__init__(max_len)
         self.c_kv = [torch.empty(batch, max_len, kv_lora_rank, dtype=dtype, device=device) for _ in range(num_layers)]
         self.k_rope = [torch.empty(batch, max_len, rope_dim, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.max_len = max_len
-        self.length = 0
-
-    def update(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.length, self.length + c_kv.shape[1]
-        if end > self.max_len:
-            raise ValueError(f"latent cache holds {self.max_len} positions; this step needs {end}")
-        self.c_kv[layer][:, start:end] = c_kv
-        self.k_rope[layer][:, start:end] = k_rope
-        return self.c_kv[layer][:, :end], self.k_rope[layer][:, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    TIME_DIM = 1
-
-    def buffers(self) -> list[torch.Tensor]:
-        """Every buffer, each [B, max_len (at TIME_DIM), ...] (for continuous batching)."""
-        return self.c_kv + self.k_rope
-
-    def rows(self, n: int) -> LatentKVCache:
-        """A cache over the first n rows, sharing this one's storage."""
-        view = copy.copy(self)
-        view.c_kv, view.k_rope = [t[:n] for t in self.c_kv], [t[:n] for t in self.k_rope]
-        return view
 
 
 def mla_softmax_scale(config) -> float:
