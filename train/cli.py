@@ -66,6 +66,23 @@ def cmd_tokenizer(ns) -> None:
     )
 
 
+def cmd_prepare(ns) -> None:
+    from .data.prepare import prepare
+
+    prepare(
+        ns.data,
+        ns.tokenizer,
+        ns.out,
+        workers=ns.workers,
+        text_field=ns.text_field,
+        eval_fraction=ns.eval_fraction,
+        eval_data=ns.eval_data,
+        block_bytes=int(ns.block_mb * (1 << 20)),
+        shard_bytes=int(ns.shard_mb * (1 << 20)),
+        quiet=ns.quiet,
+    )
+
+
 def cmd_stage(ns) -> None:
     s = ns.stage.module.run(ns)
     print(json.dumps({k: s[k] for k in SUMMARY_KEYS if k in s}, indent=2))
@@ -188,6 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_tokenizer)
+
+    s = sub.add_parser("prepare", help="tokenize a corpus once into a token store that training memory-maps")
+    s.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help=".txt/.jsonl/.jsonl.gz/.parquet files, directories of them, or `datasets` save_to_disk directories",
+    )
+    s.add_argument("--tokenizer", required=True, metavar="DIR", help="this project's or another model's tokenizer")
+    s.add_argument("--out", required=True, metavar="STORE")
+    s.add_argument("--workers", type=int, help="tokenizing processes (default: one per core from 32 MB of input)")
+    s.add_argument("--text-field", default="text", help="the jsonl field or parquet/Arrow column of the text")
+    held = s.add_mutually_exclusive_group()
+    held.add_argument("--eval-fraction", type=float, help="the store's default share of rows a run holds out")
+    held.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out inputs, prepared into STORE/eval")
+    s.add_argument("--block-mb", type=float, default=4, help="input per unit of work")
+    s.add_argument("--shard-mb", type=float, default=256, help="size of a shard of token ids")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_prepare)
 
     for name, stage in STAGES.items():
         s = sub.add_parser(name, help=stage.help)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from models import CheckpointError, ConfigError
-
 
 class UserError(Exception):
     """Bad input from the user (file, record, field, option); the message says which and why."""
@@ -17,14 +15,13 @@ class DataError(UserError):
     """A missing file or malformed record; the message starts with FILE:LINE."""
 
 
-USER_ERRORS = (UserError, ConfigError, CheckpointError)
-
-
 def run_guarded(fn: Callable[[], object]) -> None:
     """Run fn; bad input ends with one 'error: ...' line on stderr and exit status 2, Ctrl-C with 130."""
+    from models import CheckpointError, ConfigError  # here, so the data workers import no torch
+
     try:
         fn()
-    except USER_ERRORS as e:
+    except (UserError, ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

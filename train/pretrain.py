@@ -16,7 +16,9 @@ from models.chat_format import ENDOFTEXT
 from models.checkpoint import CONFIG_FILE
 
 from .args import add_model_args, add_train_args, train_args_from
-from .data.packing import PackedDataset, load_token_stream
+from .data.corpus import eval_rows, open_stores, pretrain_rows
+from .data.prepare import parse_mixture
+from .data.store import TokenStore, is_store
 from .data.tokenizer import special_token_ids
 from .engine.trainer import Trainer
 from .errors import UserError, run_guarded
@@ -29,10 +31,23 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
         prog="python -m train.pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     d = p.add_argument_group("data")
-    d.add_argument("--data", nargs="+", required=True, metavar="PATH", help=".txt or .jsonl ({'text'}) files")
-    d.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out files (default: the last rows)")
-    d.add_argument("--eval-fraction", type=float, default=0.02, help="rows held out when no --eval-data")
-    d.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default on --resume: the checkpoint's)")
+    d.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="token stores (llm-scratch prepare; STORE:WEIGHT mixes them) or raw files, prepared into OUT/data",
+    )
+    d.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out files or store (default: the last rows)")
+    d.add_argument(
+        "--eval-fraction", type=float, help="rows held out when no --eval-data (default: the store's, else 0.02)"
+    )
+    d.add_argument("--workers", type=int, help="processes that tokenize raw --data (default: one per core from 32 MB)")
+    d.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="tokenizer directory, this project's or another model's (default: the store's; on --resume the run's)",
+    )
     d.add_argument("--seq-len", type=int, default=256, help="tokens per training row")
     d.add_argument(
         "--no-document-mask", action="store_true", help="let packed documents attend to each other (plain causal rows)"
@@ -77,7 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(ns: argparse.Namespace) -> dict:
     targs, optim = train_args_from(ns)
-    with RunDir(ns.out, ns.resume, ns.tokenizer, init=None) as run_dir:
+    stores = [p for p, _ in parse_mixture(ns.data) if is_store(p)]
+    default_tok = TokenStore(stores[0]).tokenizer_dir if stores else None
+    with RunDir(ns.out, ns.resume, ns.tokenizer, init=None, default_tokenizer=default_tok) as run_dir:
         return _train(ns, targs, optim, run_dir)
 
 
@@ -86,17 +103,14 @@ def _train(ns: argparse.Namespace, targs, optim, run_dir: RunDir) -> dict:
     eot = special_token_ids(tokenizer)[ENDOFTEXT]
     config = model_config_for(ns, len(tokenizer), resume_ckpt)
 
-    stream = load_token_stream(ns.data, tokenizer, eot)
     doc_mask = not ns.no_document_mask
+    stores = open_stores(ns.data, tok_dir, out / "data", ns.workers, targs.progress)
     if ns.eval_data:
-        train_set = PackedDataset(stream, ns.seq_len, eot, doc_mask)
-        eval_set = PackedDataset(load_token_stream(ns.eval_data, tokenizer, eot), ns.seq_len, eot, doc_mask)
-    else:  # hold out the stream's tail
-        n_rows = (len(stream) - 1) // ns.seq_len
-        n_eval = int(n_rows * ns.eval_fraction) if ns.eval_every else 0
-        cut = (n_rows - n_eval) * ns.seq_len
-        train_set = PackedDataset(stream[: cut + 1], ns.seq_len, eot, doc_mask)
-        eval_set = PackedDataset(stream[cut:], ns.seq_len, eot, doc_mask) if n_eval else None
+        train_set, _ = pretrain_rows(stores, ns.seq_len, eot, doc_mask, 0.0, 0)
+        eval_stores = open_stores(ns.eval_data, tok_dir, out / "eval-data", ns.workers, targs.progress)
+        eval_set = eval_rows(eval_stores, ns.seq_len, eot, doc_mask)
+    else:
+        train_set, eval_set = pretrain_rows(stores, ns.seq_len, eot, doc_mask, ns.eval_fraction, ns.eval_every)
     torch.manual_seed(ns.seed)  # the same initial weights on every rank and every run with this seed
     model = build_model(config)
     info = {

@@ -11,7 +11,10 @@ Also here: which tokenizer belongs to a checkpoint, and the check that it fits t
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -126,6 +129,62 @@ def load_tokenizer(path: str | Path):
     if not (p / "tokenizer.json").exists():
         raise UserError(f"{p}: not a tokenizer directory (no tokenizer.json)")
     return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+
+def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
+    """What decides the ids a text encodes to: the whole tokenizer.json, canonically serialised."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    return hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+
+
+def fits_project(tokenizer) -> bool:
+    """Has every special token this project uses, and its chat template."""
+    vocab = tokenizer.get_vocab()
+    return all(t in vocab for t in SPECIAL_TOKENS) and tokenizer.chat_template == CHAT_TEMPLATE
+
+
+def adopt_tokenizer(tokenizer) -> list[str]:
+    """Make another model's tokenizer fit this project, in place: add the special tokens it lacks (ChatML,
+    <think>/</think> as non-special added tokens, <|image|>, <|pad|>) and install the chat template with the
+    thinking switch. Returns what was added."""
+    from tokenizers import AddedToken
+
+    vocab = tokenizer.get_vocab()
+    added = [t for t in SPECIAL_TOKENS if t not in vocab]
+    special = [AddedToken(t, special=True, normalized=False) for t in added if t not in NON_SPECIAL_ADDED]
+    plain = [AddedToken(t, special=False, normalized=False) for t in added if t in NON_SPECIAL_ADDED]
+    if special:
+        tokenizer.add_tokens(special, special_tokens=True)
+    if plain:
+        tokenizer.add_tokens(plain)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = PAD
+    if tokenizer.chat_template != CHAT_TEMPLATE:
+        tokenizer.chat_template = CHAT_TEMPLATE
+        added.append("the chat template (ChatML with the thinking switch)")
+    return added
+
+
+def install_tokenizer(src: str | Path, dest: Path, quiet: bool = False):
+    """The tokenizer at `src`, made fit for this project when it is not (adopt_tokenizer), saved at `dest`.
+    Returns (dest, the loaded tokenizer); `dest` is rewritten only when what it holds differs."""
+    tokenizer = load_tokenizer(src)
+    added = adopt_tokenizer(tokenizer)
+    if added and not quiet:
+        print(f"tokenizer: {src} lacked {', '.join(added)}; added (now {len(tokenizer)} tokens)", flush=True)
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(str(tmp))
+    make_tokenizer_config_portable(tmp)
+    if (dest / "tokenizer.json").is_file() and tokenizer_fingerprint(dest) == tokenizer_fingerprint(tmp):
+        shutil.rmtree(tmp)
+    else:
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    return dest, load_tokenizer(dest)
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:
