@@ -3,7 +3,7 @@
 `--data` takes token stores (`llm-scratch prepare`) and raw files; raw files are prepared by the same code
 into the run directory (`RUN/data`, brought up to date on --resume), so there is one data path. A store
 prepared with another tokenizer than the run's is refused, naming both fingerprints. `STORE:WEIGHT` mixes
-stores by weight (train/data/packing.MixedRows).
+stores by weight (MixedRows in train/data/packing.py).
 
 Held-out rows: `--eval-data` (files or a store) when given; else a store's own `eval/` part; else the last
 `--eval-fraction` of each store's rows (default: the store's own --eval-fraction, else 2%).

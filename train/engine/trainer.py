@@ -248,7 +248,9 @@ class Trainer:
         the mean over the whole global batch, however the items fall between ranks and micro-batches
         (engines divide by world size and accumulation steps; the scale undoes that)."""
         accum, world = self.args.grad_accum, self.world_size
+        t0 = time.perf_counter()
         batches = [self._next_batch() for _ in range(accum)]
+        data_s = time.perf_counter() - t0  # reading rows, collating, copying to the device
         weights = [float(self.weight_fn(b)) for b in batches]
         total = max(all_reduce_sum({"w": sum(weights)}, self.device)["w"], 1e-12)
         sums: dict[str, float] = {}
@@ -269,7 +271,7 @@ class Trainer:
         self.step += 1
         self.tokens_seen += tokens * world
         means = {k: v / total for k, v in all_reduce_sum(sums, self.device).items()}
-        step = {"lr": lr, "grad_norm": grad_norm, "tokens": tokens * world, "flops": flops * world}
+        step = {"lr": lr, "grad_norm": grad_norm, "tokens": tokens * world, "flops": flops * world, "data_s": data_s}
         return {**means, **model_stats, **step}
 
     # ------------------------------------------------------------------ the loop
@@ -334,7 +336,8 @@ class Trainer:
             t0 = time.perf_counter()
             rec = self.train_step()
             dt = time.perf_counter() - t0
-            rec = {"step": self.step, **rec, "tokens_per_s": rec["tokens"] / dt, "tokens_seen": self.tokens_seen}
+            rec = {"step": self.step, **rec, "step_s": dt, "tokens_per_s": rec["tokens"] / dt}
+            rec["tokens_seen"] = self.tokens_seen
             rec["tflops_per_s"] = rec["flops"] / dt / 1e12  # model FLOPs (models/flops.py), every rank
             if self.peak_flops:
                 rec["mfu"] = rec["flops"] / dt / (self.peak_flops * self.world_size)
