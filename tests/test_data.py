@@ -124,3 +124,61 @@ def test_batch_order_errors_are_clear():
     order = BatchOrder(50, 4, seed=0)
     with pytest.raises(UserError, match="same data and seed"):
         order.load_state_dict({"epoch": 0, "cursor": 0, "seed": 0, "num_rows": 49})
+
+
+def test_trl_records_read_like_messages_from_jsonl_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from train.data.formats import load_dpo, load_sft
+
+    recs = [
+        {"prompt": "2+2?", "completion": "4"},
+        {
+            "prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+            "completion": [{"role": "assistant", "content": "hello"}],
+        },
+    ]
+    (tmp_path / "pc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    pq.write_table(pa.Table.from_pylist([{"prompt": "2+2?", "completion": "4"}]), tmp_path / "pc.parquet")
+    got = load_sft(tmp_path / "pc.jsonl")
+    assert got[0].messages == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    assert [m["role"] for m in got[1].messages] == ["system", "user", "assistant"]
+    assert load_sft(tmp_path / "pc.parquet")[0].messages == got[0].messages
+
+    shared = [{"role": "user", "content": "pick"}]
+    implicit = {
+        "chosen": shared + [{"role": "assistant", "content": "A"}],
+        "rejected": shared + [{"role": "assistant", "content": "B"}],
+    }
+    (tmp_path / "dpo.jsonl").write_text(json.dumps(implicit) + "\n")
+    pair = load_dpo(tmp_path / "dpo.jsonl")[0]
+    assert (pair.prompt, pair.chosen, pair.rejected) == (shared, "A", "B")
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": "q", "chosen": "A", "rejected": "B"}, {"prompt": "q"}]),
+        tmp_path / "dpo.parquet",
+    )
+    with pytest.raises(DataError, match=r"dpo\.parquet: row 2: missing field 'chosen'"):
+        load_dpo(tmp_path / "dpo.parquet")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "only a prompt"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: field 'messages' .* \(or give 'prompt' and 'completion'\)"):
+        load_sft(tmp_path / "bad.jsonl")
+
+
+def test_tokenizer_sample_is_bounded_and_spread_over_every_input(tmp_path):
+    from train.data.tokenizer import iter_training_text
+
+    sizes = {"a.jsonl": 3000, "b.jsonl": 1000}
+    for name, n in sizes.items():
+        (tmp_path / name).write_text(
+            "".join(json.dumps({"text": f"{name} doc {i:05d} " + "x" * 40}) + "\n" for i in range(n))
+        )
+    files = sum((tmp_path / n).stat().st_size for n in sizes)  # --max-bytes counts the input files' bytes
+    text = sum(len(t.encode()) for t in iter_training_text([tmp_path / n for n in sizes]))
+    kept = list(iter_training_text([tmp_path / n for n in sizes], max_bytes=files // 10))
+    got = sum(len(t.encode()) for t in kept)
+    assert got <= files // 10 and abs(got - text / 10) <= 2 * 60  # a tenth of the text, within two documents
+    for name, n in sizes.items():
+        idx = [int(t.split()[2]) for t in kept if t.startswith(name)]
+        assert abs(len(idx) - n / 10) <= 2  # each input its share
+        assert min(idx) < n / 10 and max(idx) > n * 0.9  # from its beginning to its end

@@ -30,6 +30,18 @@ from .stages import STAGES
 SUMMARY_KEYS = ("end_step", "first_loss", "last_loss", "checkpoint", "plot")
 
 
+def byte_size(text: str) -> int:
+    """'500M' -> 500_000_000 (K, M, G are powers of 1000)."""
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:].upper(), 1)
+    try:
+        n = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500M") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError("a size must be positive")
+    return int(n)
+
+
 def cmd_data(ns) -> None:
     from .data.synthetic import generate
     from .outputs import OwnedFiles
@@ -59,7 +71,7 @@ def cmd_tokenizer(ns) -> None:
     from .outputs import check_new_or_own
 
     check_new_or_own(Path(ns.out), TOKENIZER_FILES, "tokenizer directory")
-    stats = train_tokenizer(ns.data, ns.vocab_size, ns.out, quiet=ns.quiet)
+    stats = train_tokenizer(ns.data, ns.vocab_size, ns.out, quiet=ns.quiet, max_bytes=ns.max_bytes)
     print(
         f"tokenizer: {stats['vocab_size']} tokens from {stats['bytes'] / 1e6:.1f} MB in "
         f"{stats['seconds']:.1f} s -> {ns.out}"
@@ -200,8 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_data)
 
     s = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer")
-    s.add_argument("--data", nargs="+", required=True, metavar="FILE")
+    s.add_argument("--data", nargs="+", required=True, metavar="PATH", help="any input prepare reads, or SFT/DPO data")
     s.add_argument("--vocab-size", type=int, default=4096)
+    s.add_argument(
+        "--max-bytes",
+        type=byte_size,
+        metavar="N[K|M|G]",
+        help="train on a sample of about this many bytes of the inputs, taken evenly along each (default: all)",
+    )
     s.add_argument("--out", required=True)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_tokenizer)

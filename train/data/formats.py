@@ -1,16 +1,19 @@
 """Reading the data files of the training stages into records (train/data/records.py).
 
-Formats (the ecosystem's usual ones):
-- pretraining: `.txt` files (each file is one document) or `.jsonl` with `{"text": str}` per line;
-- SFT: `.jsonl` with `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`;
-- DPO: `.jsonl` with `{"prompt", "chosen", "rejected"}`, each a string or a list of messages;
-- VLM records add `"images": ["path.png", ...]` (relative to the jsonl file), one `<|image|>` each.
-A malformed record stops the run with `DataError("FILE:LINE: what is wrong")`.
+Formats (the ecosystem's usual ones; records come from `.jsonl`, `.jsonl.gz` or `.parquet` files):
+- pretraining: `.txt` files (each file is one document) or `{"text": str}` records (train/data/sources.py
+  reads those for `llm-scratch prepare`, in bounded memory);
+- SFT: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`, or TRL's
+  prompt-completion records `{"prompt", "completion"}`, each a string or a list of messages;
+- DPO: `{"prompt", "chosen", "rejected"}`, each a string or a list of messages, or TRL's implicit-prompt
+  records `{"chosen", "rejected"}` (message lists whose shared beginning is the prompt);
+- VLM records add `"images": ["path.png", ...]` (relative to the data file), one `<|image|>` each.
+A malformed record stops the run with `DataError("FILE:LINE: what is wrong")` (parquet: "FILE: row N").
 """
 
 from __future__ import annotations
 
-import json
+import gzip
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from models.chat_format import IMAGE
 from ..errors import DataError, UserError
 from .images import check_image
 from .records import Conversation, PreferencePair
+from .sources import parse_json_line
 
 ROLES = ("system", "user", "assistant")
 
@@ -29,29 +33,40 @@ def _check_file(path: Path) -> None:
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each non-blank line; bad JSON or a non-object is a DataError."""
+    """(line number, record) for each non-blank line of a .jsonl (or .jsonl.gz) file; bad JSON or a
+    non-object is a DataError."""
     path = Path(path)
     _check_file(path)
-    with path.open("rb") as f:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            if "\\u" in line:  # an escaped lone surrogate decodes to a string no tokenizer can encode
-                try:
-                    json.dumps(rec, ensure_ascii=False).encode("utf-8")
-                except UnicodeEncodeError:
-                    raise DataError(f"{path}:{lineno}: a string holds a lone surrogate (\\ud800-\\udfff)") from None
-            yield lineno, rec
+                rec = parse_json_line(raw)
+            except ValueError as e:
+                raise DataError(f"{path}:{lineno}: {e}") from None
+            if rec is not None:
+                yield lineno, rec
+
+
+def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """("FILE:LINE" or "FILE: row N", record) from a .jsonl, .jsonl.gz or .parquet file."""
+    path = Path(path)
+    if path.suffix != ".parquet":
+        for lineno, rec in read_jsonl(path):
+            yield f"{path}:{lineno}", rec
+        return
+    _check_file(path)
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a file that is not parquet
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    n = 0
+    for rg in range(pf.metadata.num_row_groups):  # one row group in memory at a time
+        for rec in pf.read_row_group(rg).to_pylist():
+            n += 1  # a column a row lacks reads as null: drop those, as a jsonl record would not have them
+            yield f"{path}: row {n}", {k: v for k, v in rec.items() if v is not None}
 
 
 def _messages(value, where: str, field: str) -> list[dict]:
@@ -112,10 +127,26 @@ def _images(rec: dict, path: Path, where: str, texts: list[str], anywhere: bool 
     return resolved
 
 
+def _turns(value, where: str, field: str, role: str) -> list[dict]:
+    """A TRL field: a string (one `role` message) or a list of messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return _messages(value, where, field)
+
+
 def sft_record(
     rec: dict, path: str | Path, where: str, need_assistant: bool = True, images_anywhere: bool = False
 ) -> Conversation:
-    msgs = _messages(rec.get("messages"), where, "messages")
+    if "messages" not in rec and "prompt" in rec and "completion" in rec:  # TRL's prompt-completion records
+        msgs = _turns(rec["prompt"], where, "prompt", "user") + _turns(
+            rec["completion"], where, "completion", "assistant"
+        )
+    elif "messages" not in rec:
+        raise DataError(
+            f"{where}: field 'messages' must be a non-empty list of messages (or give 'prompt' and 'completion')"
+        )
+    else:
+        msgs = _messages(rec.get("messages"), where, "messages")
     if need_assistant and not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{where}: field 'messages' has no assistant turn to learn from")
     images = _images(rec, Path(path), where, [m["content"] for m in msgs], images_anywhere)
@@ -124,14 +155,15 @@ def sft_record(
 
 def load_sft(path: str | Path, images_anywhere: bool = False) -> list[Conversation]:
     """Conversations; each must contain at least one assistant turn. VLM records add 'images'."""
-    return [sft_record(rec, path, f"{path}:{lineno}", True, images_anywhere) for lineno, rec in read_jsonl(path)]
+    return [sft_record(rec, path, where, True, images_anywhere) for where, rec in read_records(path)]
 
 
 def load_dpo(path: str | Path, images_anywhere: bool = False) -> list[PreferencePair]:
     """Preference pairs; chosen/rejected given as message lists keep their last (assistant) message."""
     pairs = []
-    for lineno, rec in read_jsonl(path):
-        where = f"{path}:{lineno}"
+    for where, rec in read_records(path):
+        if "prompt" not in rec and isinstance(rec.get("chosen"), list) and isinstance(rec.get("rejected"), list):
+            rec = implicit_prompt(rec, where)
         for k in ("prompt", "chosen", "rejected"):
             if k not in rec:
                 raise DataError(f"{where}: missing field '{k}'")
@@ -158,22 +190,35 @@ def load_dpo(path: str | Path, images_anywhere: bool = False) -> list[Preference
     return pairs
 
 
+def implicit_prompt(rec: dict, where: str) -> dict:
+    """TRL's implicit-prompt pair: the messages chosen and rejected share are the prompt."""
+    chosen, rejected = _messages(rec["chosen"], where, "chosen"), _messages(rec["rejected"], where, "rejected")
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise DataError(f"{where}: no 'prompt', and 'chosen' and 'rejected' share no first message to take as one")
+    return {**rec, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
 def iter_records_text(path: Path) -> Iterator[str]:
-    """Every piece of text in a file of any supported format (for tokenizer training)."""
-    if path.suffix == ".txt":
-        yield from iter_pretrain_texts(path)
+    """Every piece of text in a file of any supported format (for tokenizer training): documents of .txt
+    files and `datasets` directories, and the text, messages, prompts and completions of records."""
+    if path.suffix == ".txt" or path.is_dir():
+        from .sources import iter_documents
+
+        yield from iter_documents([path])
         return
-    for lineno, rec in read_jsonl(path):
+    for where, rec in read_records(path):
         if isinstance(rec.get("text"), str):
             yield rec["text"]
-        elif "messages" in rec:
-            yield from (m["content"] for m in _messages(rec["messages"], f"{path}:{lineno}", "messages"))
-        elif "chosen" in rec:
-            for k in ("prompt", "chosen", "rejected"):
-                v = rec.get(k)
-                if isinstance(v, str):
-                    yield v
-                elif isinstance(v, list):
-                    yield from (m["content"] for m in _messages(v, f"{path}:{lineno}", k))
-        else:
-            raise DataError(f"{path}:{lineno}: no 'text', 'messages' or 'prompt'/'chosen'/'rejected' field")
+            continue
+        fields = [k for k in ("messages", "prompt", "completion", "chosen", "rejected") if k in rec]
+        if not fields:
+            raise DataError(f"{where}: no 'text', 'messages', 'prompt'/'completion' or 'chosen'/'rejected' field")
+        for k in fields:
+            v = rec[k]
+            if isinstance(v, str):
+                yield v
+            else:
+                yield from (m["content"] for m in _messages(v, where, k))

@@ -43,20 +43,36 @@ SPLIT_PATTERN = (
 )
 
 
-def iter_training_text(paths: Iterable[str | Path]) -> Iterator[str]:
-    """Text for tokenizer training from .txt files and .jsonl files (text, messages, or DPO pairs)."""
+def iter_training_text(paths: Iterable[str | Path], max_bytes: int | None = None) -> Iterator[str]:
+    """Text for tokenizer training from every input (documents, messages, DPO pairs), streamed. With
+    `max_bytes`, each input gives its share of that many bytes (in proportion to its size), taken evenly
+    along it: a document is kept whenever the kept share falls behind (error diffusion), so the sample spans
+    the whole corpus and memory holds one document at a time."""
+    paths = [Path(p) for p in paths]
+    total = sum(
+        sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size for p in paths
+    )
+    keep = 1.0 if max_bytes is None else min(1.0, max_bytes / max(1, total))
     for p in paths:
-        yield from iter_records_text(Path(p))
+        owed = 0.0
+        for text in iter_records_text(p):
+            n = len(text.encode("utf-8"))
+            owed += n * keep
+            if owed >= n or keep == 1.0:
+                owed -= n
+                yield text
 
 
-def train_tokenizer(paths: list[str | Path], vocab_size: int, out_dir: str | Path, quiet: bool = False) -> dict:
+def train_tokenizer(
+    paths: list[str | Path], vocab_size: int, out_dir: str | Path, quiet: bool = False, max_bytes: int | None = None
+) -> dict:
     """Train on the files, save an AutoTokenizer-loadable directory, return statistics."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
         raise UserError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS) + 1} (256 bytes + specials)")
     for p in paths:
-        if not Path(p).is_file():
+        if not Path(p).exists():
             raise UserError(f"{p}: data file not found")
     tok = Tokenizer(models.BPE())
     # NFC first, as Qwen2's tokenizer does: transformers loads any `qwen2` export with Qwen2Tokenizer, which
@@ -81,7 +97,7 @@ def train_tokenizer(paths: list[str | Path], vocab_size: int, out_dir: str | Pat
 
     def counted():
         nonlocal n_bytes
-        for text in iter_training_text(paths):
+        for text in iter_training_text(paths, max_bytes):
             n_bytes += len(text.encode("utf-8"))
             yield text
 
