@@ -357,3 +357,82 @@ def test_prepare_runs_as_a_command_with_workers(tmp_path, synthetic_dir, tokeniz
     assert r.returncode == 0, r.stderr
     assert "tokens/s" in r.stderr and "B/s" in r.stderr  # the progress bar's throughput
     assert TokenStore(out).eval_fraction == 0.1
+
+
+def test_sft_and_dpo_stores_give_the_in_memory_examples(tmp_path, synthetic_dir, tokenizer_dir, tokenizer):
+    from train.data.finetune import (
+        PackedSFTDataset,
+        build_dpo_examples,
+        build_sft_examples,
+        trained_tokens,
+    )
+    from train.data.finetune_store import StoredDPOExamples, StoredSFTExamples
+    from train.data.formats import load_dpo, load_sft
+
+    sft, dpo = synthetic_dir / "sft_train.jsonl", synthetic_dir / "dpo_train.jsonl"
+    for kind in ("sft", "dpo"):
+        prepare(
+            [sft if kind == "sft" else dpo],
+            tokenizer_dir,
+            tmp_path / kind,
+            workers=2,
+            block_bytes=100_000,
+            shard_bytes=200_000,
+            quiet=True,
+            kind=kind,
+        )
+    convs, pairs = load_sft(sft), load_dpo(dpo)
+    for max_len in (24, 160):  # 24 drops and truncates many; 160 few
+        want, dropped = build_sft_examples(tokenizer, convs, max_len)
+        got = StoredSFTExamples(TokenStore(tmp_path / "sft"), max_len)
+        assert len(got) == len(want) and got.dropped == dropped and (max_len == 160 or dropped > 0)
+        for a, b in zip(want, got):
+            assert np.array_equal(a.ids, b.ids) and np.array_equal(a.trained, b.trained)
+        assert trained_tokens(got) == trained_tokens(want)
+        assert list(got.lengths()) == [len(e.ids) for e in want]
+        pa, pb = PackedSFTDataset(want, max_len, 6), PackedSFTDataset(got, max_len, 6)
+        assert len(pa) == len(pb)
+        for i in range(0, len(pa), 7):
+            assert all(torch.equal(pa[i][k], pb[i][k]) for k in pa[i])
+        want, dropped = build_dpo_examples(tokenizer, pairs, max_len)
+        got = StoredDPOExamples(TokenStore(tmp_path / "dpo"), max_len)
+        assert len(got) == len(want) and got.dropped == dropped
+        for a, b in zip(want, got):
+            assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("prompt", "chosen", "rejected"))
+
+
+def test_finetune_stores_read_trl_parquet_and_refuse_the_wrong_kind(tmp_path, tokenizer_dir, sft_model_dir, cli_error):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"what is {i}+1?", "completion": f"<think>\ncount\n</think>\n\n{i + 1}"} for i in range(50)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pc.parquet", row_group_size=16)
+    (tmp_path / "pc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("pc.parquet", "pc.jsonl"):
+        prepare([tmp_path / name], tokenizer_dir, tmp_path / f"s-{name}", quiet=True, kind="sft")
+    a, b = TokenStore(tmp_path / "s-pc.parquet"), TokenStore(tmp_path / "s-pc.jsonl")
+    assert np.array_equal(a.read(0, len(a)), b.read(0, len(b))) and a.num_docs == 50
+    assert np.array_equal(a.read(0, len(a), "mask"), b.read(0, len(b), "mask"))
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "x"}) + "\n")
+    cli_error(
+        [
+            "prepare",
+            "--kind",
+            "sft",
+            "--data",
+            str(tmp_path / "bad.jsonl"),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--out",
+            str(tmp_path / "bad"),
+            "--quiet",
+        ],
+        "bad.jsonl:2: field 'messages'",
+    )
+    assert not (tmp_path / "bad").exists()
+    args = ["--data", str(tmp_path / "s-pc.jsonl"), "--init", str(sft_model_dir), "--out", str(tmp_path / "r")]
+    cli_error(
+        ["dpo", *args, "--no-progress", "--seq-len", "64"],
+        "s-pc.jsonl is a sft store; this stage reads a dpo store",
+    )
+    assert not (tmp_path / "r").exists()

@@ -92,6 +92,7 @@ def cmd_prepare(ns) -> None:
         block_bytes=int(ns.block_mb * (1 << 20)),
         shard_bytes=int(ns.shard_mb * (1 << 20)),
         quiet=ns.quiet,
+        kind=ns.kind,
     )
 
 
@@ -235,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", required=True, metavar="DIR", help="this project's or another model's tokenizer")
     s.add_argument("--out", required=True, metavar="STORE")
     s.add_argument("--workers", type=int, help="tokenizing processes (default: one per core from 32 MB of input)")
+    s.add_argument(
+        "--kind",
+        choices=("text", "sft", "dpo"),
+        default="text",
+        help="text: a pretraining corpus; sft: conversations with their loss masks; dpo: preference pairs",
+    )
     s.add_argument("--text-field", default="text", help="the jsonl field or parquet/Arrow column of the text")
     held = s.add_mutually_exclusive_group()
     held.add_argument("--eval-fraction", type=float, help="the store's default share of rows a run holds out")

@@ -118,7 +118,7 @@ def _train(ns: argparse.Namespace, targs, optim, run_dir: RunDir) -> dict:
     model = run_dir.starting_model(ns.seed)
     check_context(ns.seq_len, model.config)
     trainable = freeze_except(model, ns.train)
-    train_ex, eval_ex, dropped, loader = finetune_examples(ns, model, load_dpo, build_dpo_examples, tok)
+    train_ex, eval_ex, dropped, loader = finetune_examples(ns, model, load_dpo, build_dpo_examples, tok, "dpo", run_dir)
     train_set = DPODataset(train_ex, loader)
     eval_set = DPODataset(eval_ex, loader) if eval_ex else None
     reference_copy = copy.deepcopy(model) if ns.reference == "model" and run_dir.resume_ckpt is None else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+from pathlib import Path
 
 from .data.images import image_inputs
 from .errors import UserError
@@ -13,8 +14,17 @@ from .errors import UserError
 def add_finetune_data_args(p: argparse.ArgumentParser, what: str) -> None:
     d = p.add_argument_group("data")
     d.add_argument("--init", metavar="DIR", help="starting model: our checkpoint or run dir, or a transformers dir")
-    d.add_argument("--data", nargs="+", required=True, metavar="FILE", help=f"{what} .jsonl files")
-    d.add_argument("--eval-data", nargs="+", metavar="FILE", help="held-out files (default: a slice of --data)")
+    d.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help=f"{what} .jsonl/.jsonl.gz/.parquet files, or a store of them (llm-scratch prepare --kind)",
+    )
+    d.add_argument(
+        "--eval-data", nargs="+", metavar="PATH", help="held-out files or store (default: a slice of --data)"
+    )
+    d.add_argument("--workers", type=int, help="processes that tokenize the data (default: one per core from 32 MB)")
     d.add_argument("--eval-fraction", type=float, default=0.02, help="records held out when no --eval-data")
     d.add_argument("--tokenizer", metavar="DIR", help="default: the --init checkpoint's tokenizer")
     d.add_argument("--seq-len", type=int, default=512, help="longest row in tokens (see the truncation policy)")
@@ -33,16 +43,63 @@ def add_finetune_data_args(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def split_held_out(records: list, fraction: float) -> tuple[list, list]:
-    """The last `fraction` of the records (at least one when there are two or more) are held out."""
-    n_eval = max(1, int(len(records) * fraction)) if len(records) > 1 and fraction > 0 else 0
+    n_eval = held_out_count(len(records), fraction)
     return records[: len(records) - n_eval], records[len(records) - n_eval :]
 
 
-def finetune_examples(ns: argparse.Namespace, model, load, build, tokenizer):
+def stored_examples(ns: argparse.Namespace, kind: str, run_dir):
+    """(train examples, held-out examples, number dropped) read from stores of the stage's kind."""
+    from .data.finetune_store import StoredDPOExamples, StoredSFTExamples
+
+    examples = StoredSFTExamples if kind == "sft" else StoredDPOExamples
+    progress = not ns.no_progress
+    store = open_store(ns.data, kind, run_dir.tokenizer_dir, run_dir.out / "data", ns.workers, progress)
+    if ns.eval_data:
+        held = open_store(ns.eval_data, kind, run_dir.tokenizer_dir, run_dir.out / "eval-data", ns.workers, progress)
+        train, evals = examples(store, ns.seq_len), examples(held, ns.seq_len)
+    elif store.eval_store() is not None:
+        train, evals = examples(store, ns.seq_len), examples(store.eval_store(), ns.seq_len)
+    else:
+        n = store.num_docs if kind == "sft" else store.num_docs // 3
+        n_eval = held_out_count(n, ns.eval_fraction if ns.eval_every else 0)
+        train, evals = examples(store, ns.seq_len, 0, n - n_eval), examples(store, ns.seq_len, n - n_eval, n)
+    return train, evals, train.dropped + evals.dropped
+
+
+def open_store(specs: list[str], kind: str, tokenizer_dir, prepared_dir, workers, progress: bool):
+    """--data as one store of `kind`: a store given as it is, or the files prepared into the run."""
+    from .data.corpus import check_tokenizer, ensure_prepared
+    from .data.store import TokenStore, is_store
+
+    paths = [Path(p) for p in specs]
+    if any(is_store(p) for p in paths):
+        if len(paths) > 1:
+            raise UserError(f"--data: give one {kind.upper()} store, or data files")
+        store = TokenStore(paths[0])
+    else:
+        store = TokenStore(ensure_prepared(paths, tokenizer_dir, prepared_dir, workers, progress, kind))
+    if store.kind != kind:
+        raise UserError(
+            f"{store.path} is a {store.kind} store; this stage reads a {kind} store (prepare --kind {kind})"
+        )
+    check_tokenizer(store, tokenizer_dir)
+    return store
+
+
+def held_out_count(n: int, fraction: float) -> int:
+    """The last `fraction` of n records (at least one when there are two or more) are held out."""
+    return max(1, int(n * fraction)) if n > 1 and fraction > 0 else 0
+
+
+def finetune_examples(ns: argparse.Namespace, model, load, build, tokenizer, kind: str, run_dir):
     """(train examples, held-out examples, number dropped as too long, image loader) from --data and
-    --eval-data (or a held-out slice of --data) with a stage's record loader and example builder: a VLM's
-    image placeholders expand to its image tokens and its rows carry their images."""
+    --eval-data (or a held-out slice of --data). A language model's data is prepared into a store (in the
+    run directory, unless --data is one) and read from it (train/data/finetune_store.py); a VLM's records
+    are read in memory with a stage's record loader and example builder: its image placeholders expand to
+    its image tokens and its rows carry their images."""
     image_tokens, loader = image_inputs(model)
+    if not image_tokens:
+        return (*stored_examples(ns, kind, run_dir), None)
     build = functools.partial(build, image_tokens=image_tokens)
     load = functools.partial(load, images_anywhere=ns.images_anywhere)
     records = [r for path in ns.data for r in load(path)]

@@ -13,7 +13,7 @@ import argparse
 from models.chat_format import PAD
 
 from .args import add_train_args, train_args_from
-from .data.finetune import PackedSFTDataset, SFTDataset, build_sft_examples, pad_collate
+from .data.finetune import PackedSFTDataset, SFTDataset, build_sft_examples, pad_collate, trained_tokens
 from .data.formats import load_sft
 from .engine.trainer import Trainer
 from .errors import run_guarded
@@ -43,7 +43,7 @@ def _train(ns: argparse.Namespace, targs, optim, run_dir: RunDir) -> dict:
     model = run_dir.starting_model(ns.seed)
     check_context(ns.seq_len, model.config)
     trainable = freeze_except(model, ns.train)
-    train_ex, eval_ex, dropped, loader = finetune_examples(ns, model, load_sft, build_sft_examples, tok)
+    train_ex, eval_ex, dropped, loader = finetune_examples(ns, model, load_sft, build_sft_examples, tok, "sft", run_dir)
     pad = tok.convert_tokens_to_ids(PAD)
     if ns.pack:
         make = lambda ex: PackedSFTDataset(ex, ns.seq_len, pad, loader)  # noqa: E731
@@ -58,7 +58,7 @@ def _train(ns: argparse.Namespace, targs, optim, run_dir: RunDir) -> dict:
         "conversations": len(train_ex),
         "dropped_too_long": dropped,
         "rows": len(train_set),
-        "trained_tokens": int(sum(e.trained[1:].sum() for e in train_ex)),
+        "trained_tokens": trained_tokens(train_ex),
     }
     trainer = Trainer(
         model,

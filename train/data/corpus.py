@@ -38,21 +38,27 @@ def open_stores(
     stores = [(TokenStore(p), w) for p, w in entries if is_store(p)]
     if raw:
         stores.append((TokenStore(ensure_prepared(raw, tokenizer_dir, prepared_dir, workers, progress)), None))
-    want = tokenizer_fingerprint(tokenizer_dir)
     for store, _ in stores:
-        if store.tokenizer_fingerprint != want:
-            raise UserError(
-                f"{store.path} was prepared with another tokenizer (fingerprint {store.tokenizer_fingerprint}) "
-                f"than this run's {tokenizer_dir} ({want}); prepare it with this tokenizer"
-            )
+        check_tokenizer(store, tokenizer_dir)
     return stores
 
 
-def ensure_prepared(raw: list[Path], tokenizer_dir: Path, out: Path, workers: int | None, progress: bool) -> Path:
+def check_tokenizer(store: TokenStore, tokenizer_dir: Path) -> None:
+    want = tokenizer_fingerprint(tokenizer_dir)
+    if store.tokenizer_fingerprint != want:
+        raise UserError(
+            f"{store.path} was prepared with another tokenizer (fingerprint {store.tokenizer_fingerprint}) "
+            f"than this run's {tokenizer_dir} ({want}); prepare it with this tokenizer"
+        )
+
+
+def ensure_prepared(
+    raw: list[Path], tokenizer_dir: Path, out: Path, workers: int | None, progress: bool, kind: str = "text"
+) -> Path:
     """Rank 0 prepares (or finds up to date) the store; the other ranks wait for its manifest."""
     rank = dist_info()[0]
     if rank == 0:
-        prepare(raw, tokenizer_dir, out, workers=workers, progress=progress)
+        prepare(raw, tokenizer_dir, out, workers=workers, progress=progress, kind=kind)
         return out
     while not is_store(out) or (out / "prepare.state.json").exists():
         time.sleep(0.2)  # a rank 0 that fails exits, and the launcher stops this rank

@@ -39,6 +39,16 @@ def _images_fit(ids, image_id: int, n_images: int, image_tokens: int) -> bool:
     return n_images == 0 or sum(1 for i in ids if i == image_id) == n_images * image_tokens
 
 
+def encode_sft(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """A conversation rendered with the chat template: its ids and, per token, whether it is trained on."""
+    return encode_with_mask(tokenizer, render_conversation(tokenizer, messages))
+
+
+def sft_fits(mask, max_len: int) -> bool:
+    """Some target within the first max_len + 1 tokens is trained on (else the row teaches nothing)."""
+    return any(mask[1 : max_len + 1])
+
+
 def build_sft_examples(
     tokenizer, conversations: list[Conversation], max_len: int, image_tokens: int = 0
 ) -> tuple[list[SFTExample], int]:
@@ -49,11 +59,11 @@ def build_sft_examples(
     for conv in conversations:
         images = tuple(conv.images)
         _check_images(images, image_tokens, conv.where or "a conversation")
-        ids, mask = encode_with_mask(tokenizer, render_conversation(tokenizer, conv.messages))
+        ids, mask = encode_sft(tokenizer, conv.messages)
         if image_tokens:
             ids, mask = expand_image_tokens(ids, mask, image_id, image_tokens)
         ids, mask = ids[: max_len + 1], mask[: max_len + 1]
-        if not any(mask[1:]) or not _images_fit(ids, image_id, len(images), image_tokens):
+        if not sft_fits(mask, max_len) or not _images_fit(ids, image_id, len(images), image_tokens):
             dropped += 1
             continue
         out.append(SFTExample(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool), images))
@@ -69,7 +79,16 @@ def _row(ids: np.ndarray, trained: np.ndarray) -> dict[str, torch.Tensor]:
 
 
 def _examples_fingerprint(examples, *extra) -> str:
+    if hasattr(examples, "fingerprint"):  # examples read from a store: its content hash and the range
+        return fingerprint(examples.fingerprint(), *extra)
     return fingerprint([[getattr(e, f.name) for f in dataclasses.fields(e)] for e in examples], *extra)
+
+
+def trained_tokens(examples) -> int:
+    """How many targets the examples train on."""
+    if hasattr(examples, "trained_tokens"):
+        return examples.trained_tokens()
+    return int(sum(e.trained[1:].sum() for e in examples))
 
 
 class SFTDataset:
@@ -96,36 +115,39 @@ class SFTDataset:
 
 class PackedSFTDataset:
     """Conversations packed greedily (in order) into rows of seq_len + 1 tokens; segment ids keep
-    them from attending to each other and positions restart for each. Padding fills the rest."""
+    them from attending to each other and positions restart for each. Padding fills the rest. The
+    packing is planned from the lengths alone (a store gives them without reading the conversations)."""
 
-    def __init__(self, examples: list[SFTExample], seq_len: int, pad_id: int, image_loader=None):
-        self.image_loader = image_loader
-        self.rows: list[list[SFTExample]] = []
-        current, used = [], 0
-        for e in examples:
-            if current and used + len(e.ids) > seq_len + 1:
-                self.rows.append(current)
-                current, used = [], 0
-            current.append(e)
-            used += len(e.ids)
-        if current:
-            self.rows.append(current)
+    def __init__(self, examples, seq_len: int, pad_id: int, image_loader=None):
+        self.examples, self.image_loader = examples, image_loader
+        lengths = examples.lengths() if hasattr(examples, "lengths") else [len(e.ids) for e in examples]
+        starts, used = [], 0
+        for k, n in enumerate(lengths):
+            if not starts or used + n > seq_len + 1:
+                starts.append(k)
+                used = 0
+            used += int(n)
+        self.starts = np.asarray(starts + [len(lengths)], dtype=np.int64)
         self.seq_len, self.pad_id = seq_len, pad_id
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.starts) - 1
 
     def fingerprint(self) -> str:
-        return _examples_fingerprint([e for row in self.rows for e in row], [len(r) for r in self.rows], self.seq_len)
+        return _examples_fingerprint(self.examples, self.starts, self.seq_len)
+
+    def row_examples(self, i: int) -> list[SFTExample]:
+        return [self.examples[k] for k in range(int(self.starts[i]), int(self.starts[i + 1]))]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         n = self.seq_len + 1
         ids = np.full(n, self.pad_id, dtype=np.int32)
         trained = np.zeros(n, dtype=bool)
-        seg = np.full(n, len(self.rows[i]), dtype=np.int64)  # padding: a segment of its own
+        examples = self.row_examples(i)
+        seg = np.full(n, len(examples), dtype=np.int64)  # padding: a segment of its own
         pos = np.zeros(n, dtype=np.int64)
         at = 0
-        for k, e in enumerate(self.rows[i]):
+        for k, e in enumerate(examples):
             m = len(e.ids)
             ids[at : at + m], trained[at : at + m] = e.ids, e.trained
             # a conversation's first token is never the target of the previous conversation's last one
@@ -137,7 +159,7 @@ class PackedSFTDataset:
         row["segment_ids"] = torch.from_numpy(seg[:-1])
         row["position_ids"] = torch.from_numpy(pos[:-1])
         if self.image_loader is not None:
-            row["pixel_values"] = self.image_loader([p for e in self.rows[i] for p in e.images])
+            row["pixel_values"] = self.image_loader([p for e in examples for p in e.images])
         return row
 
 
@@ -173,6 +195,16 @@ class DPOExample:
     images: tuple = ()
 
 
+def encode_dpo(tokenizer, pair: PreferencePair) -> tuple[list[int], list[int], list[int]]:
+    """The prompt rendered with the generation prompt (thinking on: the completion carries its own <think>
+    block), and each completion followed by <|im_end|>."""
+    prompt = tokenizer.apply_chat_template(pair.prompt, add_generation_prompt=True, tokenize=False)
+    p = tokenizer.encode(prompt, add_special_tokens=False)
+    c = tokenizer.encode(pair.chosen + IM_END, add_special_tokens=False)
+    r = tokenizer.encode(pair.rejected + IM_END, add_special_tokens=False)
+    return p, c, r
+
+
 def build_dpo_examples(
     tokenizer, pairs: list[PreferencePair], max_len: int, image_tokens: int = 0
 ) -> tuple[list[DPOExample], int]:
@@ -184,16 +216,14 @@ def build_dpo_examples(
     for pair in pairs:
         images = tuple(pair.images)
         _check_images(images, image_tokens, pair.where or "a pair")
-        prompt = tokenizer.apply_chat_template(pair.prompt, add_generation_prompt=True, tokenize=False)
-        p = tokenizer.encode(prompt, add_special_tokens=False)
+        p, c, r = encode_dpo(tokenizer, pair)
         if image_tokens:
             p, _ = expand_image_tokens(p, [False] * len(p), image_id, image_tokens)
         room = max_len + 1 - len(p)
         if room < 1:
             dropped += 1
             continue
-        c = tokenizer.encode(pair.chosen + IM_END, add_special_tokens=False)[:room]
-        r = tokenizer.encode(pair.rejected + IM_END, add_special_tokens=False)[:room]
+        c, r = c[:room], r[:room]
         out.append(DPOExample(*(np.asarray(x, dtype=np.int32) for x in (p, c, r)), images))
     return out, dropped
 

@@ -160,34 +160,35 @@ def load_sft(path: str | Path, images_anywhere: bool = False) -> list[Conversati
 
 def load_dpo(path: str | Path, images_anywhere: bool = False) -> list[PreferencePair]:
     """Preference pairs; chosen/rejected given as message lists keep their last (assistant) message."""
-    pairs = []
-    for where, rec in read_records(path):
-        if "prompt" not in rec and isinstance(rec.get("chosen"), list) and isinstance(rec.get("rejected"), list):
-            rec = implicit_prompt(rec, where)
-        for k in ("prompt", "chosen", "rejected"):
-            if k not in rec:
-                raise DataError(f"{where}: missing field '{k}'")
-        prompt = rec["prompt"]
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        else:
-            prompt = _messages(prompt, where, "prompt")
-        completions = {}
-        for k in ("chosen", "rejected"):
-            v = rec[k]
-            if isinstance(v, list):
-                msgs = _messages(v, where, k)
-                if msgs[-1]["role"] != "assistant":
-                    raise DataError(f"{where}: field '{k}' must end with an assistant message")
-                v = msgs[-1]["content"]
-            elif not isinstance(v, str):
-                raise DataError(f"{where}: field '{k}' must be a string or a list of messages")
-            completions[k] = v
-        if completions["chosen"] == completions["rejected"]:
-            raise DataError(f"{where}: 'chosen' and 'rejected' are the same text; a pair must differ")
-        images = _images(rec, Path(path), where, [m["content"] for m in prompt], images_anywhere)
-        pairs.append(PreferencePair(prompt, completions["chosen"], completions["rejected"], images, where))
-    return pairs
+    return [dpo_record(rec, path, where, images_anywhere) for where, rec in read_records(path)]
+
+
+def dpo_record(rec: dict, path: str | Path, where: str, images_anywhere: bool = False) -> PreferencePair:
+    if "prompt" not in rec and isinstance(rec.get("chosen"), list) and isinstance(rec.get("rejected"), list):
+        rec = implicit_prompt(rec, where)
+    for k in ("prompt", "chosen", "rejected"):
+        if k not in rec:
+            raise DataError(f"{where}: missing field '{k}'")
+    prompt = rec["prompt"]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    else:
+        prompt = _messages(prompt, where, "prompt")
+    completions = {}
+    for k in ("chosen", "rejected"):
+        v = rec[k]
+        if isinstance(v, list):
+            msgs = _messages(v, where, k)
+            if msgs[-1]["role"] != "assistant":
+                raise DataError(f"{where}: field '{k}' must end with an assistant message")
+            v = msgs[-1]["content"]
+        elif not isinstance(v, str):
+            raise DataError(f"{where}: field '{k}' must be a string or a list of messages")
+        completions[k] = v
+    if completions["chosen"] == completions["rejected"]:
+        raise DataError(f"{where}: 'chosen' and 'rejected' are the same text; a pair must differ")
+    images = _images(rec, Path(path), where, [m["content"] for m in prompt], images_anywhere)
+    return PreferencePair(prompt, completions["chosen"], completions["rejected"], images, where)
 
 
 def implicit_prompt(rec: dict, where: str) -> dict:

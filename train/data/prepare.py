@@ -36,26 +36,45 @@ from .store import (
 )
 
 STATE = "prepare.state.json"
-OWN = re.compile(r"^(\d{5}\.(tokens|docs|crc)|manifest\.json|prepare\.state\.json|tokenizer|eval)(\.tmp)?$")
+OWN = re.compile(
+    r"^(\d{5}\.(tokens|docs|mask|first|trained)(\.crc)?|manifest\.json|prepare\.state\.json|tokenizer|eval)(\.tmp)?$"
+)
+KINDS = ("text", "sft", "dpo")
 AUTO_WORKERS_BYTES = 32 << 20  # below this much input, tokenizing in this process beats starting workers
 
-_worker_tokenizer = None
-_worker_eot = None
+_worker: dict = {}
 
 
-def _init_worker(tokenizer_json: str, eot_id: int) -> None:
-    global _worker_tokenizer, _worker_eot
+def _init_worker(tok_dir: str, eot_id: int, kind: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: --workers is the parallelism
-    from tokenizers import Tokenizer
+    _worker.update(_encoder(Path(tok_dir), eot_id, kind))
 
-    _worker_tokenizer, _worker_eot = Tokenizer.from_file(tokenizer_json), eot_id
+
+def _encoder(tok_dir: Path, eot_id: int, kind: str) -> dict:
+    """What turns a block into ids: the `tokenizers` object for text, transformers' (its chat template) for
+    conversations."""
+    if kind == "text":
+        from tokenizers import Tokenizer
+
+        return {"kind": kind, "tok": Tokenizer.from_file(str(tok_dir / "tokenizer.json")), "eot": eot_id}
+    from .tokenizer import load_tokenizer
+
+    return {"kind": kind, "tok": load_tokenizer(tok_dir), "eot": eot_id}
+
+
+def _encode(block: Block, enc: dict):
+    try:
+        if enc["kind"] == "text":
+            return tokenize_block(block, enc["tok"], enc["eot"])
+        from .finetune_store import encode_records_block
+
+        return encode_records_block(block, enc["kind"], enc["tok"])
+    except RecordError as e:
+        return e
 
 
 def _work(block: Block):
-    try:
-        return tokenize_block(block, _worker_tokenizer, _worker_eot)
-    except RecordError as e:
-        return e
+    return _encode(block, _worker)
 
 
 def check_out_dir(out: Path) -> None:
@@ -96,6 +115,7 @@ def prepare(
     shard_bytes: int = 256 << 20,
     quiet: bool = False,
     progress: bool = True,
+    kind: str = "text",
 ) -> dict:
     """Prepare (or bring up to date) the store at `out`; returns its manifest. Bad input leaves nothing
     behind (a directory this call created is removed, an earlier store's files are cleared); an interrupted
@@ -105,17 +125,18 @@ def prepare(
     created = not out.exists()
     try:
         return _prepare(
-            inputs,
-            tokenizer_dir,
             out,
-            workers,
-            text_field,
-            eval_fraction,
-            eval_data,
-            block_bytes,
-            shard_bytes,
-            quiet,
-            progress,
+            inputs=inputs,
+            tokenizer_dir=tokenizer_dir,
+            workers=workers,
+            text_field=text_field,
+            eval_fraction=eval_fraction,
+            eval_data=eval_data,
+            block_bytes=block_bytes,
+            shard_bytes=shard_bytes,
+            quiet=quiet,
+            progress=progress,
+            kind=kind,
         )
     except UserError:
         if created:
@@ -126,9 +147,10 @@ def prepare(
 
 
 def _prepare(
+    out: Path,
+    *,
     inputs,
     tokenizer_dir,
-    out: Path,
     workers,
     text_field,
     eval_fraction,
@@ -137,6 +159,7 @@ def _prepare(
     shard_bytes,
     quiet,
     progress,
+    kind,
 ) -> dict:
     from models.chat_format import ENDOFTEXT  # here: the workers import this module without torch
 
@@ -144,6 +167,8 @@ def _prepare(
 
     if eval_fraction is not None and not 0 <= eval_fraction < 1:
         raise UserError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
+    if kind not in KINDS:
+        raise UserError(f"kind {kind!r}: one of {', '.join(KINDS)}")
     if block_bytes < 1 or shard_bytes < 1:
         raise UserError("block and shard sizes must be positive")
     sources = find_sources(inputs)
@@ -152,7 +177,9 @@ def _prepare(
     eot = special_token_ids(tokenizer)[ENDOFTEXT]
     vocab = len(tokenizer)
     dtype = token_dtype(vocab)
+    field = text_field if kind == "text" else ""  # SFT and DPO records are whole rows
     config = {
+        "kind": kind,
         "tokenizer_fingerprint": tokenizer_fingerprint(tok_dir),
         "sources": [s.stat() for s in sources],
         "text_field": text_field,
@@ -163,7 +190,7 @@ def _prepare(
     manifest_path, state_path = out / MANIFEST, out / STATE
     if manifest_path.is_file() and not state_path.exists():
         old = _read_json(manifest_path)
-        if old.get("config") == config and _eval_up_to_date(out, eval_data, tok_dir, text_field, quiet):
+        if old.get("config") == config and _eval_up_to_date(out, eval_data, tok_dir, text_field, kind):
             if not quiet:
                 print(f"prepare: {out} is up to date ({old['tokens']:,} tokens)", flush=True)
             return old
@@ -182,7 +209,7 @@ def _prepare(
     n_workers = workers if workers is not None else (min(os.cpu_count() or 1, 8) if total >= AUTO_WORKERS_BYTES else 0)
     writer = ShardWriter(out, dtype, config["shard_tokens"], len(state["shards"]))
     records: dict[str, int] = state["records"]
-    blocks = plan_blocks(sources, text_field, block_bytes, tuple(state["next"]))
+    blocks = plan_blocks(sources, field, block_bytes, tuple(state["next"]))
     bar = _progress(total, quiet or not progress, f"prepare {out.name}")
     bar.update(sum(_done_bytes(sources, state)))
     t0, tokens0 = time.perf_counter(), state["tokens"]
@@ -191,8 +218,8 @@ def _prepare(
         if n_workers > 0:
             import multiprocessing as mp
 
-            pool = mp.get_context("spawn").Pool(n_workers, _init_worker, (str(tok_dir / "tokenizer.json"), eot))
-        for block, result in _results(blocks, pool, n_workers, tok_dir, eot):
+            pool = mp.get_context("spawn").Pool(n_workers, _init_worker, (str(tok_dir), eot, kind))
+        for block, result in _results(blocks, pool, n_workers, lambda: _encoder(tok_dir, eot, kind)):
             before = records.get(block.path, 0)
             if isinstance(result, RecordError):
                 raise DataError(f"{record_where(block, result.record, before)}: {result.message}")
@@ -200,7 +227,7 @@ def _prepare(
             top = int(result["tokens"].max()) if len(result["tokens"]) else 0
             if top >= vocab:
                 raise DataError(f"{block.path}: the tokenizer gave id {top}, beyond its {vocab} tokens")
-            writer.add(result["tokens"], result["doc_lens"])
+            writer.add(result["tokens"], result["doc_lens"], **result.get("extra", {}))
             state["tokens"] += len(result["tokens"])
             state["docs"] += len(result["doc_lens"])
             state["bytes"] += result["bytes"]
@@ -220,15 +247,17 @@ def _prepare(
     if last is not None:
         state["shards"].append(last)
     if state["docs"] == 0:
-        raise DataError(f"{', '.join(str(p) for p in inputs)}: no documents in the input (an empty corpus)")
+        raise DataError(f"{', '.join(str(p) for p in inputs)}: no {_count(kind, 0)[2:]} in the input (an empty corpus)")
     if eval_data:
+        sizes = {"block_bytes": block_bytes, "shard_bytes": shard_bytes}
         prepare(
-            eval_data, tok_dir, out / "eval", workers, text_field, None, None, block_bytes, shard_bytes, quiet, progress
+            eval_data, tok_dir, out / "eval", workers, text_field, quiet=quiet, progress=progress, kind=kind, **sizes
         )
     seconds = time.perf_counter() - t0
     manifest = {
         "format": FORMAT,
         "version": VERSION,
+        "kind": kind,
         "config": config,
         "dtype": dtype.name,
         "vocab_size": vocab,
@@ -245,24 +274,26 @@ def _prepare(
     state_path.unlink(missing_ok=True)
     if not quiet:
         print(
-            f"prepare: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens in "
+            f"prepare: {_count(kind, manifest['documents'])}, {manifest['tokens']:,} tokens in "
             f"{len(manifest['shards'])} shard(s) ({dtype.name}) -> {out} in {seconds:.1f} s",
             flush=True,
         )
     return manifest
 
 
-def _results(blocks, pool, n_workers: int, tok_dir: Path, eot: int):
+def _count(kind: str, docs: int) -> str:
+    """'3,000 documents', '300 conversations', '100 pairs' (a DPO pair is three documents)."""
+    if kind == "dpo":
+        return f"{docs // 3:,} pairs"
+    return f"{docs:,} {'conversations' if kind == 'sft' else 'documents'}"
+
+
+def _results(blocks, pool, n_workers: int, make_encoder):
     """(block, result) in block order, with at most two blocks per worker in flight (bounded memory)."""
     if pool is None:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        enc = make_encoder()
         for block in blocks:
-            try:
-                yield block, tokenize_block(block, tok, eot)
-            except RecordError as e:
-                yield block, e
+            yield block, _encode(block, enc)
         return
     pending: deque = deque()
     for block in blocks:
@@ -289,10 +320,14 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _eval_up_to_date(out: Path, eval_data, tok_dir, field, quiet) -> bool:
+def _eval_up_to_date(out: Path, eval_data, tok_dir, field, kind) -> bool:
+    """The held-out store matches (brought up to date when its inputs changed)."""
     if not eval_data:
         return not (out / "eval").exists()
-    return is_store(out / "eval") and prepare(eval_data, tok_dir, out / "eval", 0, field, quiet=True) is not None
+    return (
+        is_store(out / "eval")
+        and prepare(eval_data, tok_dir, out / "eval", 0, field, quiet=True, kind=kind) is not None
+    )
 
 
 def parse_mixture(specs: list[str]) -> list[tuple[Path, float | None]]:

@@ -154,7 +154,8 @@ def _source_blocks(si: int, src: Source, field: str, block_bytes: int, first: in
                 raise DataError(f"{path}: not a readable gzip file ({e})") from None
     elif src.kind == "parquet":
         pf = _parquet(src.path)
-        _text_column(pf.schema_arrow, field, path)
+        if field:  # a pretraining corpus: its text column (SFT/DPO records are whole rows)
+            _text_column(pf.schema_arrow, field, path)
         meta, size = pf.metadata, src.size()
         for rg in range(meta.num_row_groups):
             share = size * meta.row_group(rg).num_rows // max(1, meta.num_rows)
@@ -203,6 +204,8 @@ def _open_arrow(path: Path):
 
 def _arrow_batch_sizes(path: Path, field: str) -> list[int]:
     reader = _open_arrow(path)
+    if not field:
+        return [b.nbytes for b in reader]
     _text_column(reader.schema, field, str(path))
     return [b.column(field).nbytes for b in reader]
 
@@ -249,16 +252,7 @@ def block_texts(block: Block) -> tuple[list[str], int]:
         except UnicodeDecodeError as e:
             raise RecordError(0, f"not UTF-8 text (byte {e.start + 1})") from None
     if block.kind == "jsonl":
-        if block.data is not None:
-            raw = block.data
-        else:
-            with open(block.path, "rb") as f:
-                f.seek(block.start)
-                raw = f.read(block.stop - block.start)
-        lines = raw.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        texts = []
+        lines, texts = _read_lines(block), []
         for i, line in enumerate(lines):
             try:
                 rec = parse_json_line(line)
@@ -286,6 +280,43 @@ def block_texts(block: Block) -> tuple[list[str], int]:
         raise RecordError(first_null, f"column '{block.field}' is null")
     texts = column.to_pylist()
     return texts, len(texts)
+
+
+def _read_lines(block: Block) -> list[bytes]:
+    if block.data is not None:
+        raw = block.data
+    else:
+        with open(block.path, "rb") as f:
+            f.seek(block.start)
+            raw = f.read(block.stop - block.start)
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return lines
+
+
+def block_records(block: Block) -> tuple[list[tuple[int, dict]], int]:
+    """The whole records of a block (jsonl objects, parquet/Arrow rows without their null fields), each with
+    its number within the block, and how many records the block spans (SFT and DPO data)."""
+    if block.kind == "txt":
+        raise RecordError(0, "a .txt file holds pretraining text, not conversations")
+    if block.kind == "jsonl":
+        lines, out = _read_lines(block), []
+        for i, line in enumerate(lines):
+            try:
+                rec = parse_json_line(line)
+            except ValueError as e:
+                raise RecordError(i, str(e)) from None
+            if rec is not None:
+                out.append((i, rec))
+        return out, len(lines)
+    if block.kind == "parquet":
+        table = _parquet(Path(block.path)).read_row_group(block.start)
+        rows = table.to_pylist()
+    else:
+        reader = _open_arrow(Path(block.path))
+        rows = [r for k, b in enumerate(reader) if block.start <= k < block.stop for r in b.to_pylist()]
+    return [(i, {k: v for k, v in r.items() if v is not None}) for i, r in enumerate(rows)], len(rows)
 
 
 def tokenize_block(block: Block, tokenizer, eot_id: int) -> dict:

@@ -3,11 +3,16 @@
     STORE/manifest.json   what the store holds: tokenizer fingerprint, vocabulary size, dtype, counts,
                           the sources (size and mtime) and options it was prepared from, the shards
     STORE/tokenizer/      the tokenizer it was prepared with (a run on the store may use it)
-    STORE/NNNNN.tokens    token ids, uint16 when the vocabulary fits, else uint32; each document followed
-                          by <|endoftext|>, so the shards read in order are one token stream
+    STORE/NNNNN.tokens    token ids, uint16 when the vocabulary fits, else uint32; in a pretraining store
+                          each document is followed by <|endoftext|>, so the shards in order are one stream
     STORE/NNNNN.docs      uint64: where each document ends within the shard (its end-of-text + 1)
-    STORE/NNNNN.crc       uint32: the CRC-32 of every 64 KiB of the .tokens file
+    STORE/NNNNN.mask      (SFT stores) uint8 per token: 1 when the token is trained on
+    STORE/NNNNN.first     (SFT stores) int32 per conversation: its first trained position after position 0
+    STORE/NNNNN.trained   (SFT stores) int32 per conversation: how many of its tokens after the first are trained
+    STORE/NNNNN.*.crc     uint32: the CRC-32 of every 64 KiB of the file it follows
     STORE/eval/           the held-out data given with --eval-data, a store of its own
+
+A DPO store holds each pair as three documents: the rendered prompt, the chosen and the rejected completion.
 
 Reading checks every shard's size against the manifest when the store is opened (a truncated shard is
 found at once) and each 64 KiB block's CRC the first time a row touches it, so a corrupted shard is an error
@@ -58,57 +63,77 @@ def is_store(path: str | Path) -> bool:
 
 
 class ShardWriter:
-    """Appends tokenized blocks to the current shard; `finish()` closes it (temporary names, then renamed)."""
+    """Appends tokenized blocks to the current shard; `finish()` closes it (temporary names, then renamed).
+
+    Every shard has `tokens` and `docs` (each document's end); an SFT store adds `mask` per token (in the loss),
+    and per conversation `first` (its first trained position after the first token) and `trained` (how many
+    of its targets are trained on). Each file has a `.crc` beside it."""
 
     def __init__(self, out: Path, dtype: np.dtype, shard_tokens: int, index: int):
         self.out, self.dtype, self.shard_tokens, self.index = out, dtype, shard_tokens, index
-        self.file = None
+        self.files: dict | None = None
 
     def _name(self) -> str:
         return f"{self.index:05d}"
 
-    def add(self, tokens: np.ndarray, doc_lens: np.ndarray) -> None:
-        if self.file is None:
-            self.file = open(self.out / f"{self._name()}.tokens.tmp", "wb")
-            self.tokens, self.doc_ends = 0, []
-        self.file.write(tokens.astype(self.dtype, copy=False).tobytes())
-        self.doc_ends.append(self.tokens + np.cumsum(doc_lens, dtype=np.uint64))
+    def add(self, tokens: np.ndarray, doc_lens: np.ndarray, **extra: np.ndarray) -> None:
+        """`extra`: the SFT columns (mask per token; first and trained per document)."""
+        if self.files is None:
+            self.files, self.tokens, self.docs = {}, 0, 0
+        columns = {"tokens": tokens.astype(self.dtype, copy=False)}
+        columns["docs"] = np.uint64(self.tokens) + np.cumsum(doc_lens, dtype=np.uint64)
+        columns.update({k: v.astype(COLUMN_DTYPES[k], copy=False) for k, v in extra.items()})
+        for col, arr in columns.items():
+            if col not in self.files:
+                self.files[col] = open(self.out / f"{self._name()}.{col}.tmp", "wb")
+            self.files[col].write(arr.tobytes())
         self.tokens += len(tokens)
+        self.docs += len(doc_lens)
 
     def full(self) -> bool:
-        return self.file is not None and self.tokens >= self.shard_tokens
+        return self.files is not None and self.tokens >= self.shard_tokens
 
     def finish(self) -> dict | None:
         """The shard's manifest entry (None when nothing was added since the last one)."""
-        if self.file is None:
+        if self.files is None:
             return None
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        self.file = None
-        name = self._name()
-        tmp = self.out / f"{name}.tokens.tmp"
-        crcs = []
-        with open(tmp, "rb") as f:
-            while block := f.read(CRC_BYTES):
-                crcs.append(zlib.crc32(block))
-        crc = np.asarray(crcs, dtype=np.uint32)
-        docs = np.concatenate(self.doc_ends) if self.doc_ends else np.zeros(0, np.uint64)
-        atomic_write_bytes(self.out / f"{name}.docs", docs.astype(np.uint64).tobytes())
-        atomic_write_bytes(self.out / f"{name}.crc", crc.tobytes())
-        os.replace(tmp, self.out / f"{name}.tokens")
+        name, digest = self._name(), hashlib.blake2b(digest_size=8)
+        for col, f in sorted(self.files.items()):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            tmp = self.out / f"{name}.{col}.tmp"
+            crcs = []
+            with open(tmp, "rb") as g:
+                while block := g.read(CRC_BYTES):
+                    crcs.append(zlib.crc32(block))
+            crc = np.asarray(crcs, dtype=np.uint32)
+            atomic_write_bytes(self.out / f"{name}.{col}.crc", crc.tobytes())
+            os.replace(tmp, self.out / f"{name}.{col}")
+            digest.update(col.encode() + crc.tobytes())
+        entry = {"name": name, "tokens": int(self.tokens), "docs": int(self.docs), "crc": digest.hexdigest()}
         self.index += 1
-        digest = hashlib.blake2b(crc.tobytes(), digest_size=8).hexdigest()
-        return {"name": name, "tokens": int(self.tokens), "docs": int(len(docs)), "crc": digest}
+        self.files = None
+        return entry
 
 
-class _Shard:
-    def __init__(self, root: Path, entry: dict, dtype: np.dtype):
-        self.name, self.n = entry["name"], int(entry["tokens"])
-        self.path = root / f"{self.name}.tokens"
-        nbytes = self.n * dtype.itemsize
-        for suffix, want in ((".tokens", nbytes), (".crc", 4 * -(-nbytes // CRC_BYTES))):
-            p = root / f"{self.name}{suffix}"
+COLUMN_DTYPES = {
+    "docs": np.dtype(np.uint64),
+    "mask": np.dtype(np.uint8),
+    "first": np.dtype(np.int32),
+    "trained": np.dtype(np.int32),
+}
+SFT_COLUMNS = ["tokens", "docs", "mask", "first", "trained"]
+
+
+class _Column:
+    """One memory-mapped file of a shard, its size checked at once and each 64 KiB block's CRC checked the
+    first time it is read."""
+
+    def __init__(self, path: Path, dtype: np.dtype, n: int):
+        self.path, self.n = path, n
+        nbytes = n * dtype.itemsize
+        for p, want in ((path, nbytes), (path.with_name(path.name + ".crc"), 4 * -(-nbytes // CRC_BYTES))):
             if not p.is_file():
                 raise DataError(f"{p}: missing from the store; prepare it again")
             if p.stat().st_size != want:
@@ -116,24 +141,38 @@ class _Shard:
                     f"{p}: {p.stat().st_size} bytes where the manifest says {want} (truncated or replaced); "
                     "prepare the store again"
                 )
-        self.crc = np.fromfile(root / f"{self.name}.crc", dtype=np.uint32)
-        if hashlib.blake2b(self.crc.tobytes(), digest_size=8).hexdigest() != entry["crc"]:
-            raise DataError(f"{root / self.name}.crc: does not match the manifest; prepare the store again")
-        self.tokens = np.memmap(self.path, dtype=dtype, mode="r", shape=(self.n,)) if self.n else np.zeros(0, dtype)
+        self.crc = np.fromfile(path.with_name(path.name + ".crc"), dtype=np.uint32)
+        self.data = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
         self.checked = np.zeros(len(self.crc), dtype=bool)
 
     def read(self, a: int, b: int) -> np.ndarray:
-        itemsize = self.tokens.dtype.itemsize
+        itemsize = self.data.dtype.itemsize
         k0, k1 = a * itemsize // CRC_BYTES, -(-b * itemsize // CRC_BYTES)
         for k in np.flatnonzero(~self.checked[k0:k1]) + k0:
             lo, hi = k * CRC_BYTES // itemsize, min(self.n, (k + 1) * CRC_BYTES // itemsize)
-            if zlib.crc32(self.tokens[lo:hi].tobytes()) != self.crc[k]:
+            if zlib.crc32(self.data[lo:hi].tobytes()) != self.crc[k]:
                 raise DataError(
                     f"{self.path}: corrupted (bytes {k * CRC_BYTES}-{k * CRC_BYTES + CRC_BYTES - 1} do not match "
                     "their checksum); prepare the store again"
                 )
             self.checked[k] = True
-        return self.tokens[a:b]
+        return self.data[a:b]
+
+
+class _Shard:
+    def __init__(self, root: Path, entry: dict, dtype: np.dtype, columns: list[str]):
+        self.name, self.n, self.n_docs = entry["name"], int(entry["tokens"]), int(entry["docs"])
+        self.cols: dict[str, _Column] = {}
+        digest = hashlib.blake2b(digest_size=8)
+        for col in sorted(columns):
+            n = self.n if col in ("tokens", "mask") else self.n_docs
+            self.cols[col] = _Column(root / f"{self.name}.{col}", COLUMN_DTYPES.get(col, dtype), n)
+            digest.update(col.encode() + self.cols[col].crc.tobytes())
+        if digest.hexdigest() != entry["crc"]:
+            raise DataError(f"{root / self.name}.*.crc: the checksums do not match the manifest; prepare it again")
+
+    def read(self, a: int, b: int, col: str = "tokens") -> np.ndarray:
+        return self.cols[col].read(a, b)
 
 
 class TokenStore:
@@ -157,8 +196,11 @@ class TokenStore:
         self.eot_id = int(self.manifest["eot_id"])
         self.vocab_size = int(self.manifest["vocab_size"])
         self.tokenizer_fingerprint = self.manifest["tokenizer_fingerprint"]
-        self.shards = [_Shard(self.path, e, self.dtype) for e in self.manifest["shards"]]
+        self.kind = self.manifest.get("kind", "text")
+        self.columns = SFT_COLUMNS if self.kind == "sft" else ["tokens", "docs"]
+        self.shards = [_Shard(self.path, e, self.dtype, self.columns) for e in self.manifest["shards"]]
         self.offsets = np.cumsum([0] + [s.n for s in self.shards])
+        self.doc_offsets = np.cumsum([0] + [s.n_docs for s in self.shards])
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -177,26 +219,37 @@ class TokenStore:
     def eval_store(self) -> TokenStore | None:
         return TokenStore(self.path / "eval") if is_store(self.path / "eval") else None
 
-    def read(self, a: int, b: int) -> np.ndarray:
-        """Tokens [a, b) of the stream (across shards when the range spans them)."""
-        i = int(np.searchsorted(self.offsets, a, side="right")) - 1
+    def read(self, a: int, b: int, col: str = "tokens") -> np.ndarray:
+        """Tokens (or another per-token column) [a, b) of the stream, across shards when the range spans them."""
+        return self._read(self.offsets, a, b, col)
+
+    def read_docs(self, a: int, b: int, col: str = "docs") -> np.ndarray:
+        """A per-document column for documents [a, b); `docs` gives their ends in the whole stream."""
+        out = self._read(self.doc_offsets, a, b, col)
+        if col == "docs":
+            shard = np.searchsorted(self.doc_offsets, np.arange(a, b), side="right") - 1
+            out = out.astype(np.int64) + self.offsets[shard]
+        return out
+
+    def _read(self, offsets: np.ndarray, a: int, b: int, col: str) -> np.ndarray:
+        i = int(np.searchsorted(offsets, a, side="right")) - 1
         parts = []
         while a < b and i < len(self.shards):
-            lo = int(self.offsets[i])
-            take = min(b, int(self.offsets[i + 1]))
-            parts.append(self.shards[i].read(a - lo, take - lo))
+            lo = int(offsets[i])
+            take = min(b, int(offsets[i + 1]))
+            parts.append(self.shards[i].read(a - lo, take - lo, col))
             a, i = take, i + 1
         if len(parts) == 1:
             return parts[0]
-        return np.concatenate(parts) if parts else np.zeros(0, self.dtype)
+        return np.concatenate(parts) if parts else np.zeros(0, COLUMN_DTYPES.get(col, self.dtype))
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.doc_offsets[-1])
 
     def document_ends(self) -> np.ndarray:
-        """Where every document ends in the stream (reads every .docs file: tools and tests, not training)."""
-        ends = [
-            np.fromfile(self.path / f"{s.name}.docs", dtype=np.uint64) + np.uint64(lo)
-            for s, lo in zip(self.shards, self.offsets)
-        ]
-        return np.concatenate(ends) if ends else np.zeros(0, np.uint64)
+        """Where every document ends in the stream (tools and tests; training reads the documents it needs)."""
+        return self.read_docs(0, self.num_docs)
 
 
 class ArrayStream:
