@@ -45,32 +45,42 @@ AUTO_WORKERS_BYTES = 32 << 20  # below this much input, tokenizing in this proce
 _worker: dict = {}
 
 
-def _init_worker(tok_dir: str, eot_id: int, kind: str) -> None:
+def _init_worker(tok_dir: str, eot_id: int, kind: str, vocab: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: --workers is the parallelism
-    _worker.update(_encoder(Path(tok_dir), eot_id, kind))
+    _worker.update(_encoder(Path(tok_dir), eot_id, kind, vocab))
 
 
-def _encoder(tok_dir: Path, eot_id: int, kind: str) -> dict:
+def _encoder(tok_dir: Path, eot_id: int, kind: str, vocab: int) -> dict:
     """What turns a block into ids: the `tokenizers` object for text, transformers' (its chat template) for
     conversations."""
     if kind == "text":
         from tokenizers import Tokenizer
 
-        return {"kind": kind, "tok": Tokenizer.from_file(str(tok_dir / "tokenizer.json")), "eot": eot_id}
-    from .tokenizer import load_tokenizer
+        tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    else:
+        from .tokenizer import load_tokenizer
 
-    return {"kind": kind, "tok": load_tokenizer(tok_dir), "eot": eot_id}
+        tok = load_tokenizer(tok_dir)
+    return {"kind": kind, "tok": tok, "eot": eot_id, "vocab": vocab}
 
 
 def _encode(block: Block, enc: dict):
+    """The block's result, its ids already in the store's dtype (half the bytes back to the main process
+    when they fit in uint16), or the RecordError that stops the prepare."""
     try:
         if enc["kind"] == "text":
-            return tokenize_block(block, enc["tok"], enc["eot"])
-        from .finetune_store import encode_records_block
+            out = tokenize_block(block, enc["tok"], enc["eot"])
+        else:
+            from .finetune_store import encode_records_block
 
-        return encode_records_block(block, enc["kind"], enc["tok"])
+            out = encode_records_block(block, enc["kind"], enc["tok"])
     except RecordError as e:
         return e
+    top = int(out["tokens"].max()) if len(out["tokens"]) else 0
+    if top >= enc["vocab"]:
+        return RecordError(0, f"the tokenizer gave id {top}, beyond its {enc['vocab']} tokens")
+    out["tokens"] = out["tokens"].astype(token_dtype(enc["vocab"]))
+    return out
 
 
 def _work(block: Block):
@@ -218,15 +228,12 @@ def _prepare(
         if n_workers > 0:
             import multiprocessing as mp
 
-            pool = mp.get_context("spawn").Pool(n_workers, _init_worker, (str(tok_dir), eot, kind))
-        for block, result in _results(blocks, pool, n_workers, lambda: _encoder(tok_dir, eot, kind)):
+            pool = mp.get_context("spawn").Pool(n_workers, _init_worker, (str(tok_dir), eot, kind, vocab))
+        for block, result in _results(blocks, pool, n_workers, lambda: _encoder(tok_dir, eot, kind, vocab)):
             before = records.get(block.path, 0)
             if isinstance(result, RecordError):
                 raise DataError(f"{record_where(block, result.record, before)}: {result.message}")
             records[block.path] = before + result["records"]
-            top = int(result["tokens"].max()) if len(result["tokens"]) else 0
-            if top >= vocab:
-                raise DataError(f"{block.path}: the tokenizer gave id {top}, beyond its {vocab} tokens")
             writer.add(result["tokens"], result["doc_lens"], **result.get("extra", {}))
             state["tokens"] += len(result["tokens"])
             state["docs"] += len(result["doc_lens"])
