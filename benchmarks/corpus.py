@@ -54,3 +54,24 @@ def tokenizer(vocab: int = 4096) -> Path:
     sample.write_text("".join(json.dumps({"text": t}) + "\n" for t in _pool()))
     train_tokenizer([sample], vocab, out, quiet=True)
     return out
+
+
+def conversations(n: int, pool: int = 20_000) -> Path:
+    """A jsonl of n SFT conversations (the embedded generator's pool, repeated in seeded shuffled order)."""
+    path = CACHE / f"sft-{n}.jsonl"
+    if path.exists():
+        return path
+    from train.data.synthetic import sft_example
+
+    rng = random.Random(1)
+    lines = [json.dumps(sft_example(rng)[1]) + "\n" for _ in range(min(n, pool))]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        left = n
+        while left > 0:
+            rng.shuffle(lines)
+            f.writelines(lines[:left])
+            left -= min(left, len(lines))
+    tmp.replace(path)
+    return path

@@ -436,3 +436,20 @@ def test_finetune_stores_read_trl_parquet_and_refuse_the_wrong_kind(tmp_path, to
         "s-pc.jsonl is a sft store; this stage reads a dpo store",
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_prepare_writes_only_into_a_new_empty_or_own_directory(tmp_path, tokenizer_dir, cli_error):
+    src = tmp_path / "a.jsonl"
+    texts_file(src, 50)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["prepare", "--data", str(src), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--quiet"]
+    cli_error(args, "not empty (notes.txt is there) and not a token store")
+    assert (out / "notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    (out / "notes.txt").unlink()
+    from train.cli import main
+
+    main(args)
+    main(args)  # its own store: brought up to date in place
+    assert TokenStore(out).manifest["documents"] == 50
