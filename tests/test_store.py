@@ -453,3 +453,30 @@ def test_prepare_writes_only_into_a_new_empty_or_own_directory(tmp_path, tokeniz
     main(args)
     main(args)  # its own store: brought up to date in place
     assert TokenStore(out).manifest["documents"] == 50
+
+
+def test_a_large_vocabulary_is_stored_as_uint32(tmp_path):
+    from train.data.store import FORMAT, MANIFEST, VERSION, ShardWriter, content_hash, token_dtype, write_json
+
+    assert token_dtype(65536) == np.uint16 and token_dtype(151_665) == np.uint32
+    ids = np.array([0, 70_000, 151_664, 5, 0, 99_999, 0], dtype=np.uint32)
+    w = ShardWriter(tmp_path, token_dtype(151_665), shard_tokens=4, index=0)
+    w.add(ids[:5], np.array([2, 3]))
+    shards = [w.finish()]
+    w.add(ids[5:], np.array([2]))
+    shards.append(w.finish())
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": "text",
+        "dtype": "uint32",
+        "eot_id": 0,
+        "vocab_size": 151_665,
+        "tokenizer_fingerprint": "x",
+        "shards": shards,
+        "content_hash": content_hash("uint32", 0, shards),
+    }
+    write_json(tmp_path / MANIFEST, manifest)
+    st = TokenStore(tmp_path)
+    assert np.array_equal(st.read(0, 7), ids) and st.read(3, 6).dtype == np.uint32
+    assert list(st.document_ends()) == [2, 5, 7]
