@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import DataError, UserError
 from .sources import Block, RecordError, find_sources, plan_blocks, record_where, tokenize_block
 from .store import (
+    CRC_BYTES,
     FORMAT,
     MANIFEST,
     VERSION,
@@ -265,6 +266,7 @@ def _prepare(
         "format": FORMAT,
         "version": VERSION,
         "kind": kind,
+        "crc_bytes": CRC_BYTES,
         "config": config,
         "dtype": dtype.name,
         "vocab_size": vocab,
