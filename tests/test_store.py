@@ -24,6 +24,7 @@ from train.data.prepare import prepare
 from train.data.store import TokenStore
 
 ROOT = Path(__file__).resolve().parents[1]
+MICRO = ["--preset", "micro", "--seq-len", "32", "--batch-size", "4", "--max-steps", "2", "--no-progress"]
 
 
 def shard_bytes(store: Path) -> dict[str, bytes]:
@@ -177,25 +178,7 @@ def test_pretrain_mixes_stores_by_weight_and_refuses_another_tokenizer(tmp_path,
         texts_file(tmp_path / f"{name}.jsonl", 400, seed=seed)
         prepare([tmp_path / f"{name}.jsonl"], tokenizer_dir, tmp_path / name, quiet=True)
     run = tmp_path / "run"
-    main(
-        [
-            "pretrain",
-            "--data",
-            f"{tmp_path / 'web'}:0.7",
-            f"{tmp_path / 'code'}:0.3",
-            "--out",
-            str(run),
-            "--preset",
-            "micro",
-            "--seq-len",
-            "32",
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "2",
-            "--no-progress",
-        ]
-    )
+    main(["pretrain", "--data", f"{tmp_path / 'web'}:0.7", f"{tmp_path / 'code'}:0.3", "--out", str(run), *MICRO])
     assert (run / "checkpoints").is_dir() and not (run / "data").exists()  # stores are read where they are
     capsys.readouterr()
     other = tmp_path / "other_tok"
@@ -300,24 +283,7 @@ def test_a_foreign_tokenizer_is_made_fit_and_the_model_follows(tmp_path, capsys)
     store = tmp_path / "store"
     main(["prepare", "--data", str(src), "--tokenizer", str(foreign), "--out", str(store), "--quiet"])
     run = tmp_path / "run"
-    main(
-        [
-            "pretrain",
-            "--data",
-            str(store),
-            "--out",
-            str(run),
-            "--preset",
-            "micro",
-            "--seq-len",
-            "32",
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "2",
-            "--no-progress",
-        ]
-    )
+    main(["pretrain", "--data", str(store), "--out", str(run), *MICRO])
     main(["prepare", "--data", str(src), "--tokenizer", str(foreign), "--out", str(tmp_path / "s2")])
     said = capsys.readouterr().out
     assert "lacked <|endoftext|>, <|im_start|>, <|im_end|>, <think>, </think>, <|image|>, <|pad|>" in said

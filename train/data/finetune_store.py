@@ -72,24 +72,39 @@ def _starts_ends(store, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([before, ends[:-1]]), ends
 
 
-class StoredSFTExamples:
-    """Conversations [lo, hi) of an SFT store, truncated to max_len + 1 tokens, without those that would
-    train on nothing (their count is `dropped`)."""
+class _StoredExamples:
+    """Examples [lo, hi) of a store of this `kind` that fit max_len + 1 tokens (`keeps`); the others are
+    counted in `dropped`. Holds only the indices of the kept ones."""
+
+    kind = ""
+    docs_per_example = 1
 
     def __init__(self, store, max_len: int, lo: int = 0, hi: int | None = None):
-        if store.kind != "sft":
-            raise DataError(f"{store.path}: a {store.kind} store, not an SFT store")
-        hi = store.num_docs if hi is None else hi
+        if store.kind != self.kind:
+            raise DataError(f"{store.path}: a {store.kind} store, not a {self.kind} store")
+        hi = store.num_docs // self.docs_per_example if hi is None else hi
         self.store, self.max_len, self.lo, self.hi = store, max_len, lo, hi
-        first = np.asarray(store.read_docs(lo, hi, "first"))
-        self.index = lo + np.flatnonzero(first <= max_len)
+        self.index = lo + np.flatnonzero(self.keeps())
         self.dropped = (hi - lo) - len(self.index)
+
+    def keeps(self) -> np.ndarray:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.index)
 
     def fingerprint(self) -> str:
-        return fingerprint(self.store.fingerprint(), "sft", self.max_len, self.lo, self.hi)
+        return fingerprint(self.store.fingerprint(), self.kind, self.max_len, self.lo, self.hi)
+
+
+class StoredSFTExamples(_StoredExamples):
+    """Conversations [lo, hi) of an SFT store, truncated to max_len + 1 tokens, without those that would
+    train on nothing (their count is `dropped`)."""
+
+    kind = "sft"
+
+    def keeps(self) -> np.ndarray:
+        return np.asarray(self.store.read_docs(self.lo, self.hi, "first")) <= self.max_len
 
     def span(self, k: int) -> tuple[int, int]:
         j = int(self.index[k])
@@ -119,25 +134,16 @@ class StoredSFTExamples:
         )
 
 
-class StoredDPOExamples:
+class StoredDPOExamples(_StoredExamples):
     """Pairs [lo, hi) of a DPO store; a pair whose prompt leaves no room within max_len + 1 tokens is left
     out (`dropped`), completions are cut to the room left."""
 
-    def __init__(self, store, max_len: int, lo: int = 0, hi: int | None = None):
-        if store.kind != "dpo":
-            raise DataError(f"{store.path}: a {store.kind} store, not a DPO store")
-        hi = store.num_docs // 3 if hi is None else hi
-        self.store, self.max_len, self.lo, self.hi = store, max_len, lo, hi
-        starts, ends = _starts_ends(store, 3 * lo, 3 * hi)
-        prompt_len = (ends - starts)[0::3]
-        self.index = lo + np.flatnonzero(prompt_len <= max_len)
-        self.dropped = (hi - lo) - len(self.index)
+    kind = "dpo"
+    docs_per_example = 3  # prompt, chosen, rejected
 
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def fingerprint(self) -> str:
-        return fingerprint(self.store.fingerprint(), "dpo", self.max_len, self.lo, self.hi)
+    def keeps(self) -> np.ndarray:
+        starts, ends = _starts_ends(self.store, 3 * self.lo, 3 * self.hi)
+        return (ends - starts)[0::3] <= self.max_len  # the prompt leaves room for a completion token
 
     def __getitem__(self, k: int) -> DPOExample:
         j = int(self.index[k])

@@ -252,20 +252,15 @@ def block_texts(block: Block) -> tuple[list[str], int]:
         except UnicodeDecodeError as e:
             raise RecordError(0, f"not UTF-8 text (byte {e.start + 1})") from None
     if block.kind == "jsonl":
-        lines, texts = _read_lines(block), []
-        for i, line in enumerate(lines):
-            try:
-                rec = parse_json_line(line)
-            except ValueError as e:
-                raise RecordError(i, str(e)) from None
-            if rec is None:
-                continue
+        recs, n = block_records(block)
+        texts = []
+        for i, rec in recs:
             text = rec.get(block.field)
             if not isinstance(text, str):
                 what = "is missing" if block.field not in rec else "must be a string"
                 raise RecordError(i, f"field '{block.field}' {what}")
             texts.append(text)
-        return texts, len(lines)
+        return texts, n
     if block.kind == "parquet":
         column = _parquet(Path(block.path)).read_row_group(block.start, columns=[block.field]).column(0)
     else:
