@@ -171,6 +171,52 @@ def test_a_mixture_keeps_its_weights_and_ranks_share_each_epoch(tmp_path):
     assert len(set(seen[0]) | set(seen[1])) == len(seen[0]) + len(seen[1]) == n // 16 * 16
 
 
+def _read_rank_rows(rank: int, world: int, port: int, store: str, out: str):
+    """One gloo rank: the trainer's batch order over a store's rows for one epoch; rank 0 gathers what each read."""
+    import torch.distributed as dist
+
+    from train.engine.distributed import dist_info
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    st = TokenStore(store)
+    rows = PackedDataset(st, 16, st.eot_id)
+    r, _, w = dist_info()
+    order = BatchOrder(len(rows), 4, seed=11, rank=r, world_size=w)
+    mine = []
+    for _ in range(len(rows) // (4 * w)):
+        mine += [(i, rows[i]["input_ids"].tolist()) for i in order.next_indices()]
+    gathered = [None] * w
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_read_disjoint_rows_covering_the_epoch(tmp_path, tokenizer_dir):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    texts_file(tmp_path / "c.jsonl", 300)
+    prepare([tmp_path / "c.jsonl"], tokenizer_dir, tmp_path / "s", workers=0, shard_bytes=4_000, quiet=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rows.json"
+    mp.spawn(_read_rank_rows, args=(2, port, str(tmp_path / "s"), str(out)), nprocs=2, join=True)
+    per_rank = json.loads(out.read_text())
+    st = TokenStore(tmp_path / "s")
+    rows = PackedDataset(st, 16, st.eot_id)
+    seen = [{i for i, _ in r} for r in per_rank]
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == len(rows) // 8 * 8 == sum(len(r) for r in per_rank)  # each row once
+    for r in per_rank:  # what each rank read is the row itself
+        assert all(ids == rows[i]["input_ids"].tolist() for i, ids in r)
+
+
 def test_pretrain_mixes_stores_by_weight_and_refuses_another_tokenizer(tmp_path, tokenizer_dir, cli_error, capsys):
     from train.cli import main
 
