@@ -18,16 +18,13 @@ import datetime as dt
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import psutil
 
 from benchmarks.corpus import corpus, tokenizer
 from benchmarks.report import write_table
+from benchmarks.watch import watch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,26 +71,8 @@ print(json.dumps({"seconds": mapped, "load_seconds": loaded, "tokens": tokens}))
 def run_measured(code: str, *args: str) -> dict:
     """Run a child, sample the resident memory of its process tree, return its JSON line + peak_mb."""
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
-    ps, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-        except psutil.Error:
-            rss = 0
-        peak = max(peak, rss)
-        time.sleep(0.1)
-    out, err = proc.communicate()
-    if proc.returncode:
-        sys.exit(f"measurement failed:\n{err[-3000:]}")
-    return {**json.loads(out.strip().splitlines()[-1]), "peak_mb": peak / 2**20}
+    r = watch([sys.executable, "-c", code, *args], tree=True, env=env, every=0.1)
+    return {**json.loads(r["stdout"].strip().splitlines()[-1]), "peak_mb": r["peak_mb"]}
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -19,13 +19,11 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import psutil
 
 from benchmarks.corpus import CACHE, conversations, tokenizer
 from benchmarks.report import write_table
+from benchmarks.watch import watch
 
 ROOT = Path(__file__).resolve().parents[1]
 LLM = [sys.executable, "-m", "train.cli"]
@@ -67,24 +65,6 @@ def init_model(tmp: Path) -> Path:
             stdout=subprocess.DEVNULL,
         )
     return out
-
-
-def measured(cmd: list[str], first_record: Path | None) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ps, peak, first = psutil.Process(proc.pid), 0, None
-    while proc.poll() is None:
-        try:
-            peak = max(peak, ps.memory_info().rss)
-        except psutil.Error:
-            pass
-        if first is None and first_record is not None and first_record.exists() and first_record.stat().st_size:
-            first = time.perf_counter() - t0
-        time.sleep(0.05)
-    err = proc.stderr.read()
-    if proc.returncode:
-        sys.exit(f"failed:\n{err[-3000:]}")
-    return {"peak_mb": peak / 2**20, "first_s": first, "total_s": time.perf_counter() - t0}
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -136,9 +116,9 @@ def main(argv: list[str] | None = None) -> Path:
                 "100",
                 "--no-progress",
             ]
-            rows.append((n, src.stat().st_size, "store", measured(cmd, run / "metrics.jsonl")))
+            rows.append((n, src.stat().st_size, "store", watch(cmd, run / "metrics.jsonl")))
         n = ns.sizes[0]
-        r = measured([sys.executable, "-c", IN_MEMORY, str(conversations(n)), str(tokenizer())], None)
+        r = watch([sys.executable, "-c", IN_MEMORY, str(conversations(n)), str(tokenizer())], None)
         rows.append((n, conversations(n).stat().st_size, "in memory (records read, examples built)", r))
     date = dt.date.today().isoformat()
     lines = [

@@ -21,13 +21,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import psutil
 
 from benchmarks.corpus import CACHE, corpus, tokenizer
 from benchmarks.report import RESULTS, write_table
+from benchmarks.watch import watch
 
 ROOT = Path(__file__).resolve().parents[1]
 LLM = [sys.executable, "-m", "train.cli"]
@@ -78,25 +76,13 @@ def pretrain(st: Path, steps: int, out: Path) -> dict:
         "--no-progress",
     ]
     metrics = out / "metrics.jsonl"
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ps, peak, first = psutil.Process(proc.pid), 0, None
-    while proc.poll() is None:
-        try:
-            peak = max(peak, ps.memory_info().rss)
-        except psutil.Error:
-            pass
-        if first is None and metrics.exists() and metrics.stat().st_size > 0:
-            first = time.perf_counter() - t0
-        time.sleep(0.05)
-    err = proc.stderr.read()
-    if proc.returncode:
-        sys.exit(f"pretrain failed:\n{err[-3000:]}")
+    run = watch(cmd, metrics)
     recs = [json.loads(line) for line in metrics.read_text().splitlines() if '"step_s"' in line]
     share = statistics.mean(r["data_s"] / r["step_s"] for r in recs[1:])
     data_ms = statistics.mean(r["data_s"] for r in recs[1:]) * 1e3
     step_ms = statistics.mean(r["step_s"] for r in recs[1:]) * 1e3
-    return {"peak_mb": peak / 2**20, "first_step_s": first, "share": share, "data_ms": data_ms, "step_ms": step_ms}
+    peak, first = run["peak_mb"], run["first_s"]
+    return {"peak_mb": peak, "first_step_s": first, "share": share, "data_ms": data_ms, "step_ms": step_ms}
 
 
 def main(argv: list[str] | None = None) -> Path:
