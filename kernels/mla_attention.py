@@ -33,6 +33,16 @@ def seq_start_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Ten
     return cu_seqlens[which].to(torch.int32)[None]
 
 
+def seq_start_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] int32 position of the first token of each token's segment, for packed rows whose segments are
+    contiguous runs of one id (as packing writes them): the same attention as the segment mask, without it."""
+    b, t = segment_ids.shape
+    pos = torch.arange(t, device=segment_ids.device).expand(b, t)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return torch.where(starts, pos, 0).cummax(dim=1).values.to(torch.int32)
+
+
 def sequence_mask(seq_start: torch.Tensor) -> torch.Tensor:
     """[B, 1, T, T] boolean mask of packed sequences: causal, and no key before the query's sequence start."""
     t = seq_start.shape[-1]

@@ -7,6 +7,7 @@ import torch
 
 from ._triton import HAS_TRITON
 from .backend import resolve_backend
+from .linear_cross_entropy import linear_cross_entropy_reference, linear_cross_entropy_triton
 from .mla_attention import mla_attention_reference, mla_decode_reference
 from .mla_attention_triton import mla_attention_triton, mla_decode_triton
 from .moe_dispatch import grouped_mlp_reference, moe_experts_reference
@@ -25,6 +26,7 @@ _TRITON_OPS: dict[str, object] = (
         "grouped_mlp": grouped_mlp_triton,
         "mla_attention": mla_attention_triton,
         "mla_decode": mla_decode_triton,
+        "linear_cross_entropy": linear_cross_entropy_triton,
     }
     if HAS_TRITON
     else {}
@@ -87,3 +89,20 @@ def grouped_mlp(x_sorted, counts, w_gate_up, w_down, backend: str | None = None)
 def moe_experts(x, topk_idx, topk_weight, w_gate_up, w_down, backend: str | None = None):
     """Routed experts: dispatch tokens to their top-k experts, run them, combine with the routing weights."""
     return _dispatch("moe_experts", moe_experts_reference, backend, x)(x, topk_idx, topk_weight, w_gate_up, w_down)
+
+
+def linear_cross_entropy(
+    h,
+    weight,
+    targets,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    backend: str | None = None,
+):
+    """Cross-entropy of the logits h @ weight^T against targets, computed a chunk of rows at a time without
+    materialising the logits (kernels/linear_cross_entropy.py); reduction 'mean', 'sum' or 'none'."""
+    return _dispatch("linear_cross_entropy", linear_cross_entropy_reference, backend, h)(
+        h, weight, targets, ignore_index, label_smoothing, z_loss, reduction
+    )

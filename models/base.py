@@ -17,10 +17,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from .layers import build_attention_mask
+import kernels
+
+from .layers import build_attention_mask, packed_rows
 
 IGNORE_INDEX = -100
 
@@ -29,9 +30,10 @@ RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight", "experts.down_proj")
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None = None  # None when targets were given: the loss never materialises them
     loss: torch.Tensor | None = None
     aux: dict | None = None  # extra per-model losses/statistics (MoE balance, MTP), for the trainer to log
+    logps: torch.Tensor | None = None  # with token_logps=True: log p(target) per position (0 where ignored)
 
 
 @runtime_checkable
@@ -67,9 +69,21 @@ def in_recomputation() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy (fp32) over the positions whose target is not IGNORE_INDEX."""
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+class LMHead(nn.Linear):
+    """The output projection. Given targets it returns their cross-entropy instead of the logits, through
+    the fused linear + cross-entropy op (kernels/linear_cross_entropy.py: chunks of rows, the [tokens,
+    vocab] logits never all in memory at once). It stays an nn.Linear (`lm_head.weight`, its hooks), so
+    ZeRO-3 gathers its weight for the forward as for any linear layer."""
+
+    def __init__(self, hidden: int, vocab: int):
+        super().__init__(hidden, vocab, bias=False)
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Logits [..., V]; with targets (IGNORE_INDEX where no loss): the mean cross-entropy over the
+        positions not ignored, or with reduction='none' the loss per position (-log p(target))."""
+        if targets is None:
+            return super().forward(h)
+        return kernels.linear_cross_entropy(h, self.weight, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 class CausalLMBase(nn.Module):
@@ -86,9 +100,23 @@ class CausalLMBase(nn.Module):
     def add_lm_head(self) -> None:
         """The output projection, sharing the embedding matrix when the config ties them."""
         c = self.config
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.lm_head = LMHead(c.hidden_size, c.vocab_size)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def packed_mode(self, x: torch.Tensor) -> bool | None:
+        """How packed rows (segment ids, no padding mask, no cache) reach attention: None, a dense mask;
+        False, PackedRows with sequence starts; True, also cumulative lengths (flash-attn's varlen)."""
+        return None
+
+    def head_output(self, hidden: torch.Tensor, targets, token_logps: bool) -> ModelOutput:
+        """Logits without targets; with them the mean next-token loss, or (token_logps) log p(target) at
+        every position, both from the fused head, without the logits."""
+        if targets is None:
+            return ModelOutput(logits=self.lm_head(hidden))
+        if token_logps:
+            return ModelOutput(logps=-self.lm_head(hidden, targets, reduction="none"))
+        return ModelOutput(loss=self.lm_head(hidden, targets))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -140,5 +168,9 @@ class CausalLMBase(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=device).expand(b, t)
         cos, sin = self.model.rotary_emb(position_ids, inputs_embeds.dtype)
+        packed = segment_ids is not None and attention_mask is None and kv_cache is None
+        mode = self.packed_mode(inputs_embeds) if packed else None
+        if mode is not None:  # no [B, 1, T, T] mask: sequence starts (and cumulative lengths for varlen kernels)
+            return inputs_embeds, cos, sin, packed_rows(segment_ids, with_cu_seqlens=mode)
         mask = build_attention_mask(t, past + t, device, attention_mask, segment_ids)
         return inputs_embeds, cos, sin, mask

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import IGNORE_INDEX, CausalLMBase, ModelOutput, next_token_loss
+from .base import IGNORE_INDEX, CausalLMBase, ModelOutput
 from .config import MoEConfig
-from .layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
+from .layers import PackedRows, RMSNorm, RotaryEmbedding, SwiGLUMLP
 from .mla import LatentKVCache, MultiheadLatentAttention
 from .moe import DeepSeekMoE
 
@@ -102,6 +102,10 @@ class MoELM(CausalLMBase):
             device or w.device,
         )
 
+    def packed_mode(self, x: torch.Tensor) -> bool | None:
+        """Packed rows reach MLA as sequence starts (its kernel skips other documents' keys), everywhere."""
+        return False
+
     def cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         c = self.config
         return c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * torch.finfo(dtype).bits // 8
@@ -116,20 +120,21 @@ class MoELM(CausalLMBase):
         segment_ids: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         kv_cache: LatentKVCache | None = None,
+        token_logps: bool = False,
     ) -> ModelOutput:
         """As DenseLM.forward; with a cache, attention runs on the latent cache with absorbed weights."""
         h, cos, sin, mask = self.prepare(input_ids, inputs_embeds, attention_mask, position_ids, segment_ids, kv_cache)
-        balances = []
+        balances, training_loss = [], targets is not None and not token_logps
         for i, layer in enumerate(self.model.layers):
-            h, balance = self.run_layer(i, layer, h, cos, sin, mask, kv_cache, with_balance=targets is not None)
+            h, balance = self.run_layer(i, layer, h, cos, sin, mask, kv_cache, with_balance=training_loss)
             if balance is not None:
                 balances.append(balance)
         if kv_cache is not None:
             kv_cache.advance(h.shape[1])
-        logits = self.lm_head(self.model.norm(h))
-        if targets is None:
-            return ModelOutput(logits=logits)
-        lm = next_token_loss(logits, targets)
+        out = self.head_output(self.model.norm(h), targets, token_logps)
+        if out.loss is None:
+            return out
+        lm = out.loss
         balance = torch.stack(balances).sum() if balances else lm.new_zeros(())
         loss = lm + self.config.aux_loss_alpha * balance if self.training else lm
         aux = {"lm_loss": lm.detach(), "balance_loss": balance.detach()}
@@ -138,20 +143,23 @@ class MoELM(CausalLMBase):
             aux["mtp_loss"] = mtp_loss.detach()
             if self.training:
                 loss = loss + self.config.mtp_loss_weight * mtp_loss
-        return ModelOutput(logits=logits, loss=loss, aux=aux)
+        return ModelOutput(loss=loss, aux=aux)
 
     def _mtp_loss(self, h, input_ids, targets, cos, sin, mask, segment_ids) -> torch.Tensor:
         """Position i (i < T-1) sees its hidden state and token i+1, and predicts token i+2."""
         m = self.mtp
         emb = self.model.embed_tokens(input_ids[:, 1:])
         x = m.eh_proj(torch.cat((m.hnorm(h[:, :-1]), m.enorm(emb)), dim=-1))
-        sub_mask = mask[..., :-1, :-1] if mask is not None else None
+        if isinstance(mask, PackedRows):
+            sub_mask = mask.head(mask.seq_start.shape[1] - 1)
+        else:
+            sub_mask = mask[..., :-1, :-1] if mask is not None else None
         x, _ = m.block(x, cos[:, :-1], sin[:, :-1], sub_mask)
         mtp_targets = targets[:, 1:]
         if segment_ids is not None:  # do not predict across a packed document boundary
             same = segment_ids[:, 1:] == segment_ids[:, :-1]
             mtp_targets = mtp_targets.masked_fill(~same, IGNORE_INDEX)
-        return next_token_loss(self.lm_head(m.norm(x)), mtp_targets)
+        return self.lm_head(m.norm(x), mtp_targets)
 
     @torch.no_grad()
     def after_optimizer_step(self, reduce) -> dict[str, float]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -14,10 +15,41 @@ import torch.nn.functional as F
 
 import kernels
 
-try:  # flash-attn is an optional extra ("gpu"); used on CUDA for unmasked causal attention.
+try:  # flash-attn is an optional extra ("gpu"); used on CUDA for causal attention and packed rows.
     from flash_attn import flash_attn_func as _flash_attn_func
+    from flash_attn import flash_attn_varlen_func as _flash_attn_varlen_func
 except ImportError:  # pragma: no cover - depends on the machine
-    _flash_attn_func = None
+    _flash_attn_func = _flash_attn_varlen_func = None
+
+
+def flash_attn_usable(x: torch.Tensor) -> bool:
+    """flash-attn runs here: installed, a CUDA tensor, half precision."""
+    return _flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+class PackedRows(NamedTuple):
+    """Packed training rows (contiguous segments) in place of a dense [B, 1, T, T] mask: each token's
+    sequence start [B, T] (int32; the MLA kernel's packed mode) and, for flash-attn's varlen kernel, the
+    flattened rows' cumulative sequence lengths [n + 1] (int32) and the longest sequence."""
+
+    seq_start: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+
+    def head(self, n: int) -> PackedRows:
+        """The rows' first n positions (the MTP module's), sequence starts only."""
+        return PackedRows(self.seq_start[:, :n])
+
+
+def packed_rows(segment_ids: torch.Tensor, with_cu_seqlens: bool) -> PackedRows:
+    seq_start = kernels.seq_start_from_segments(segment_ids)
+    if not with_cu_seqlens:
+        return PackedRows(seq_start)
+    b, t = seq_start.shape
+    is_start = (seq_start == torch.arange(t, device=seq_start.device)).flatten()
+    total = torch.tensor([b * t], device=seq_start.device)
+    cu = torch.cat([is_start.nonzero().squeeze(1), total]).to(torch.int32)
+    return PackedRows(seq_start, cu, int((cu[1:] - cu[:-1]).max()))
 
 
 class RMSNorm(nn.Module):
@@ -207,8 +239,17 @@ class Attention(nn.Module):
 
 
 def attention(q, k, v, mask, causal: bool):
-    """Scaled dot-product attention with GQA: q [B, Hq, T, D], k/v [B, Hkv, S, D]."""
-    if _flash_attn_func is not None and q.is_cuda and mask is None and q.dtype in (torch.float16, torch.bfloat16):
+    """Scaled dot-product attention with GQA: q [B, Hq, T, D], k/v [B, Hkv, S, D]. `mask`: boolean
+    [B or 1, 1, T, S], None, or PackedRows (flash-attn's varlen kernel when it has cu_seqlens)."""
+    if isinstance(mask, PackedRows):
+        if mask.cu_seqlens is not None and _flash_attn_varlen_func is not None:
+            b, h, t, d = q.shape
+            flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v)]
+            cu, n = mask.cu_seqlens, mask.max_seqlen
+            out = _flash_attn_varlen_func(*flat, cu, cu, n, n, causal=True)
+            return out.view(b, t, h, d).transpose(1, 2)
+        mask = kernels.sequence_mask(mask.seq_start)
+    if flash_attn_usable(q) and mask is None:
         out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
         return out.transpose(1, 2)
     gqa = q.shape[1] != k.shape[1]  # SDPA shares each KV head across its query group without copies

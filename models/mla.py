@@ -20,7 +20,7 @@ import torch.nn as nn
 
 import kernels
 
-from .layers import LayerCache, RMSNorm, yarn_mscale
+from .layers import LayerCache, PackedRows, RMSNorm, yarn_mscale
 
 
 class LatentKVCache(LayerCache):
@@ -83,6 +83,8 @@ class MultiheadLatentAttention(nn.Module):
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
     def forward(self, x, cos, sin, mask=None, kv_cache: LatentKVCache | None = None):
+        """`mask`: a boolean mask [B, 1, T, S], None (causal), or for packed training rows PackedRows (its
+        sequence starts go to the kernel's packed mode: no [B, 1, T, T] mask)."""
         b, t, _ = x.shape
         nope, rope, v_dim = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         q = self._query(x).view(b, t, self.num_heads, nope + rope).transpose(1, 2)
@@ -93,7 +95,10 @@ class MultiheadLatentAttention(nn.Module):
         if kv_cache is None:
             kv = self.kv_b_proj(c_kv).view(b, t, self.num_heads, nope + v_dim).transpose(1, 2)
             k_nope, v = kv.split([nope, v_dim], dim=-1)
-            out = kernels.mla_attention(q_nope, q_rope, k_nope, k_rope, v, self.scale, mask)
+            if isinstance(mask, PackedRows):
+                out = kernels.mla_attention(q_nope, q_rope, k_nope, k_rope, v, self.scale, seq_start=mask.seq_start)
+            else:
+                out = kernels.mla_attention(q_nope, q_rope, k_nope, k_rope, v, self.scale, mask)
         else:
             c_all, k_rope_all = kv_cache.update(self.layer_idx, c_kv, k_rope.squeeze(1))
             w = self.kv_b_proj.weight.view(self.num_heads, nope + v_dim, self.kv_lora_rank)

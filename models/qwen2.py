@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import IGNORE_INDEX, CausalLMBase, ModelOutput, next_token_loss
+from .base import IGNORE_INDEX, CausalLMBase, ModelOutput
 from .config import DenseConfig
-from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLUMLP
+from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLUMLP, flash_attn_usable
 
 __all__ = ["IGNORE_INDEX", "DenseLM"]
 
@@ -52,6 +52,10 @@ class DenseLM(CausalLMBase):
         self.add_lm_head()
         self.reset_parameters()
 
+    def packed_mode(self, x: torch.Tensor) -> bool | None:
+        """Packed rows go to flash-attn's varlen kernel where it runs; elsewhere SDPA with the dense mask."""
+        return True if flash_attn_usable(x) else None
+
     def reset_parameters(self) -> None:
         self.init_weights(lambda name: name.endswith("layernorm.weight") or name == "model.norm.weight")
 
@@ -72,9 +76,11 @@ class DenseLM(CausalLMBase):
         segment_ids: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        token_logps: bool = False,
     ) -> ModelOutput:
         """Logits [B, T, V]; with `targets` (already shifted: targets[:, t] is the token after
-        position t, IGNORE_INDEX where no loss) also the mean cross-entropy.
+        position t, IGNORE_INDEX where no loss) the mean cross-entropy instead, or with `token_logps`
+        log p(target) per position [B, T] (the fused head: no logits are returned with targets).
 
         attention_mask [B, past+T]: 1 for real tokens, 0 for padding. segment_ids [B, T]: packed
         documents that must not see each other. position_ids [B, T]: default past..past+T-1.
@@ -84,8 +90,4 @@ class DenseLM(CausalLMBase):
             h = self.run_layer(i, layer, h, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(h.shape[1])
-        logits = self.lm_head(self.model.norm(h))
-        loss = None
-        if targets is not None:
-            loss = next_token_loss(logits, targets)
-        return ModelOutput(logits=logits, loss=loss)
+        return self.head_output(self.model.norm(h), targets, token_logps)

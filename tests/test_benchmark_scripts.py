@@ -52,3 +52,13 @@ def test_serve_load_benchmark_smoke(tmp_path):
     assert "| 1 | " in text and "| 3 | " in text and "TTFT p50" in text
     row = next(line for line in text.splitlines() if line.startswith("| 3 |"))
     assert 1 <= int(row.split("|")[4]) <= 3  # the peak batch is measured, and bounded by the streams
+
+
+def test_fused_ce_memory_benchmark_smoke(tmp_path):
+    """The fused head's memory benchmark runs end to end on a small vocabulary, both ways giving one loss."""
+    from benchmarks.fused_ce_memory import run as run_fused_ce
+
+    text = run_fused_ce([500], 64, 16, out_dir=tmp_path).read_text()
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| 500 |")]
+    assert [r[3].strip() for r in rows] == ["materialised", "fused"]
+    assert rows[0][7] == rows[1][7]  # the same loss, to 4 decimals

@@ -147,14 +147,19 @@ def test_attention_mask_builder():
 
 
 def test_loss_ignores_masked_targets_and_matches_cross_entropy():
+    """The fused head's loss and per-token log-probs equal log_softmax over the materialised logits."""
     model = _random_model(CONFIGS["untied_mha"])
     ids = torch.randint(0, 256, (2, 12))
     targets = torch.roll(ids, -1, 1)
     targets[:, -1] = -100
     out = model(ids, targets=targets)
-    logits = out.logits[:, :-1].reshape(-1, 256)
-    manual = -torch.log_softmax(logits, -1).gather(1, targets[:, :-1].reshape(-1, 1)).mean()
-    torch.testing.assert_close(out.loss, manual, rtol=1e-6, atol=1e-6)
+    assert out.logits is None  # never materialised for the loss
+    logp = torch.log_softmax(model(ids).logits, -1)
+    picked = logp[:, :-1].gather(-1, targets[:, :-1, None]).squeeze(-1)
+    torch.testing.assert_close(out.loss, -picked.mean(), rtol=1e-6, atol=1e-6)
+    logps = model(ids, targets=targets, token_logps=True).logps
+    torch.testing.assert_close(logps[:, :-1], picked, rtol=1e-6, atol=1e-6)
+    assert (logps[:, -1] == 0).all()
 
 
 def test_too_long_input_is_a_clear_error():
@@ -182,3 +187,37 @@ def test_loading_is_strict(tmp_path):
         load_pretrained(tmp_path / "ck")
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_pretrained(tmp_path / "nothing")
+
+
+def _varlen_twin(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+    """flash_attn_varlen_func's contract in plain PyTorch: each sequence of the flattened rows alone."""
+    assert torch.equal(cu_q, cu_k) and causal and cu_q.dtype == torch.int32
+    assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
+    out = torch.empty_like(q)
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        out[a:b] = o.transpose(0, 1)
+    return out
+
+
+def test_packed_rows_take_the_varlen_path_with_the_masks_result(monkeypatch):
+    """Where flash-attn runs, packed rows go to its varlen kernel over cumulative lengths from the segment
+    ids, never a dense mask; here a PyTorch twin of that kernel stands in for it (no flash-attn on a CPU)."""
+    import models.base as base
+    import models.layers as layers
+    import models.qwen2 as qwen2
+
+    model = _random_model(CONFIGS["odd_tied"]).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 14))
+    seg = torch.tensor([[0] * 4 + [1] * 6 + [2] * 4, [5] * 11 + [-1] * 3])
+    with torch.no_grad():
+        dense = model(ids, segment_ids=seg).logits
+    calls = []
+    monkeypatch.setattr(qwen2, "flash_attn_usable", lambda x: True)
+    monkeypatch.setattr(layers, "_flash_attn_varlen_func", lambda *a, **k: calls.append(a[3]) or _varlen_twin(*a, **k))
+    monkeypatch.setattr(base, "build_attention_mask", None)  # building a dense mask would be an error now
+    with torch.no_grad():
+        varlen = model(ids, segment_ids=seg).logits
+    assert calls and calls[0].tolist() == [0, 4, 10, 14, 25, 28]
+    torch.testing.assert_close(varlen, dense, rtol=1e-5, atol=1e-5)

@@ -71,6 +71,13 @@ def test_ops_page_matches_the_references(ops_page):
         ops_page["mla_attention"](qn, qr, kn, kr, v, 0.3, mask),
         kernels.mla_attention(qn, qr, kn, kr, v, 0.3, mask, backend="torch"),
     )
+    h, hw, t = r(2, 7, 16), r(50, 16), torch.randint(0, 50, (2, 7), generator=g)
+    t[0, :3] = -100
+    for eps, z, red in ((0.0, 0.0, "mean"), (0.1, 1e-3, "sum"), (0.2, 1e-2, "none")):
+        _close(
+            ops_page["linear_cross_entropy"](h, hw, t, -100, eps, z, red),
+            kernels.linear_cross_entropy(h, hw, t, -100, eps, z, red, backend="torch"),
+        )
     ql, qr1, ckv, kr1 = r(2, 3, 1, 12), r(2, 3, 1, 4), r(2, 9, 12), r(2, 9, 4)
     _close(ops_page["mla_decode"](ql, qr1, ckv, kr1, 0.2), kernels.mla_decode(ql, qr1, ckv, kr1, 0.2, backend="torch"))
     ql, qr1 = r(2, 3, 4, 12), r(2, 3, 4, 4)  # four new tokens after five cached ones

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import kernels
 from models import IGNORE_INDEX
 from train.losses import dpo_loss, sequence_logps
 
@@ -42,11 +43,15 @@ def test_equal_policy_and_reference_gives_ln2():
 
 
 def test_sequence_logps_by_hand():
-    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]]))
+    probs = torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]])
     targets = torch.tensor([[1, IGNORE_INDEX, 2]])
+    # the fused head's per-token log-probs, from a head whose logits are log(probs)
+    hidden, weight = torch.log(probs), torch.eye(3)
+    token_logps = -kernels.linear_cross_entropy(hidden, weight, targets, reduction="none")
+    assert token_logps[0, 1].item() == 0.0  # ignored
     want = math.log(0.25) + math.log(0.6)
-    assert sequence_logps(logits, targets).item() == pytest.approx(want, abs=1e-6)
-    assert sequence_logps(logits, targets, average=True).item() == pytest.approx(want / 2, abs=1e-6)
+    assert sequence_logps(token_logps, targets).item() == pytest.approx(want, abs=1e-6)
+    assert sequence_logps(token_logps, targets, average=True).item() == pytest.approx(want / 2, abs=1e-6)
 
 
 def _dpo(init, synthetic_dir, out, *extra):

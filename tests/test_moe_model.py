@@ -380,3 +380,30 @@ def test_latent_cache_is_smaller_than_gqa_cache():
     gqa = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2
     assert moe.cache_bytes_per_token() < gqa
     assert math.isclose(moe.cache_bytes_per_token(), 4 * (64 + 16) * 2)
+
+
+def test_packed_rows_use_sequence_starts_not_a_dense_mask(monkeypatch):
+    """A packed row reaches MLA as sequence starts (the kernel's packed mode), with the segment mask's result."""
+    import kernels
+    from kernels.mla_attention import sequence_mask
+
+    model = _random_model(CONFIGS["q_lora_g4"]).eval()
+    seg = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 9 + [-1] * 7])
+    starts = kernels.seq_start_from_segments(seg)
+    assert starts.tolist()[0] == [0] * 5 + [5] * 7 + [12] * 4 and starts.dtype == torch.int32
+    same = (seg[:, :, None] == seg[:, None, :])[:, None]
+    assert torch.equal(sequence_mask(starts), same & torch.ones(16, 16, dtype=torch.bool).tril())
+    seen = []
+    real = kernels.mla_attention
+    monkeypatch.setattr(kernels, "mla_attention", lambda *a, **k: seen.append((a[6:], k)) or real(*a, **k))
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        packed = model(ids, segment_ids=seg).logits
+    assert seen and all(k.get("seq_start") is not None and not a for a, k in seen)
+    monkeypatch.undo()
+    for b in range(2):  # each document alone gives the same logits
+        for s in seg[b].unique():
+            cols = (seg[b] == s).nonzero().squeeze(1)
+            with torch.no_grad():
+                alone = model(ids[b : b + 1, cols]).logits[0]
+            torch.testing.assert_close(packed[b, cols], alone, rtol=1e-4, atol=1e-5)

@@ -63,7 +63,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 def pair_logps(module, batch: dict, average: bool) -> torch.Tensor:
     """[pairs, 2] log-probs of (chosen, rejected) completions."""
     extra = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}
-    logps = sequence_logps(module(batch["input_ids"], **extra).logits, batch["targets"], average)
+    out = module(batch["input_ids"], targets=batch["targets"], token_logps=True, **extra)
+    logps = sequence_logps(out.logps, batch["targets"], average)
     half = logps.shape[0] // 2
     return torch.stack([logps[:half], logps[half:]], dim=1)
 

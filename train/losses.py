@@ -1,7 +1,8 @@
 """Losses of the training stages, written out here (no library loss is imported).
 
 - `lm_loss`: next-token cross-entropy over the target tokens (pretraining, SFT).
-- `sequence_logps`: per-sequence log-probability of the target tokens, summed or length-averaged.
+- `sequence_logps`: per-sequence log-probability of the target tokens, summed or length-averaged, from
+  the per-token log-probs the model's fused head gives (`token_logps=True`: no logits materialised).
 - `dpo_loss`: sigmoid DPO with conservative label smoothing, and IPO; `chosen_nll`: the optional
   RPO term (per-token NLL of the chosen completion) that DPO can add.
 
@@ -38,12 +39,10 @@ def aux_stats(out) -> dict[str, float]:
     return {k: float(v) for k, v in (out.aux or {}).items()}
 
 
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """Sum (or mean) over each row of log p(target) at the positions whose target is not ignored."""
+def sequence_logps(token_logps: torch.Tensor, targets: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Sum (or mean) over each row of log p(target) [B, T] at the positions whose target is not ignored."""
     mask = targets != IGNORE_INDEX
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-    total = picked.sum(-1)
+    total = (token_logps * mask).sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
 
 
