@@ -62,3 +62,14 @@ def test_fused_ce_memory_benchmark_smoke(tmp_path):
     rows = [line.split("|") for line in text.splitlines() if line.startswith("| 500 |")]
     assert [r[3].strip() for r in rows] == ["materialised", "fused"]
     assert rows[0][7] == rows[1][7]  # the same loss, to 4 decimals
+
+
+def test_train_e2e_benchmark_smoke(tmp_path):
+    """The end-to-end GPU benchmark runs on `micro` configs here: every way gives a row, none fails."""
+    from benchmarks.train_e2e import run as run_e2e
+
+    text = run_e2e(smoke=True, out_dir=tmp_path).read_text()
+    assert "failed" not in text
+    for way in ("ours, eager, our kernels", "ours, eager, torch reference", "transformers + SDPA"):
+        assert f"| dense | micro | {way} |" in text
+    assert "| moe | micro | ours, eager, our kernels |" in text
