@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from benchmarks.report import write_table
+from benchmarks.watch import child_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,16 +46,7 @@ print(json.dumps({"before_mb": before / 1024, "after_mb": after / 1024, "seconds
 
 def _measure(kind: str, preset: str, seq: int, every: int, batch: int, vocab: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
-    r = subprocess.run(
-        [sys.executable, "-c", CHILD, kind, preset, str(seq), str(every), str(batch), str(vocab)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
-    if r.returncode:
-        sys.exit(f"measurement failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return child_json(CHILD, kind, preset, seq, every, batch, vocab, env=env)
 
 
 def run(

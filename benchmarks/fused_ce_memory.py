@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from benchmarks.report import write_table
+from benchmarks.watch import child_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,15 +53,7 @@ print(json.dumps({"before_mb": before / 1024, "after_mb": after / 1024, "seconds
 
 
 def _measure(mode: str, vocab: int, tokens: int, hidden: int) -> dict:
-    r = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, str(vocab), str(tokens), str(hidden)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    if r.returncode:
-        sys.exit(f"measurement failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return child_json(CHILD, mode, vocab, tokens, hidden)
 
 
 def run(vocabs: list[int], tokens: int, hidden: int, out_dir: Path | None = None) -> Path:

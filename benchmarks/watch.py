@@ -4,6 +4,7 @@ benchmarks, which measure whole commands as a user runs them."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -37,3 +38,12 @@ def watch(cmd: list[str], first_file: Path | None = None, tree: bool = False, en
     if proc.returncode:
         sys.exit(f"{' '.join(cmd[:4])} ... failed:\n{err[-3000:]}")
     return {"peak_mb": peak / 2**20, "first_s": first, "total_s": time.perf_counter() - t0, "stdout": out}
+
+
+def child_json(code: str, *args, env=None) -> dict:
+    """Run `python -c code args...` from the repository root and return the JSON object on its last line
+    (a measurement in a fresh process); exit with its stderr's tail if it fails."""
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=env)
+    if r.returncode:
+        sys.exit(f"measurement failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
