@@ -16,16 +16,17 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def write_table(lines: list[str], name: str, out_dir: Path | None = None) -> Path:
-    """Write a dated markdown table as results/NAME (under a temporary name, then renamed), print it,
-    return its path."""
+def write_table(lines: list[str], name: str, out_dir: Path | None = None, echo: bool = True) -> Path:
+    """Write a dated markdown table as results/NAME (under a temporary name, then renamed), print it (unless
+    `echo` is False), return its path."""
     out_dir = Path(out_dir) if out_dir is not None else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
-    print("\n".join(lines))
+    if echo:
+        print("\n".join(lines))
     return path
 
 

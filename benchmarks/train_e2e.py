@@ -24,7 +24,7 @@ import torch
 
 import kernels
 from benchmarks.kernels import results_path
-from benchmarks.report import RESULTS
+from benchmarks.report import RESULTS, write_table
 from models import DenseLM, MoELM, make_config
 from models.flops import peak_flops, training_flops
 
@@ -160,9 +160,9 @@ def run(smoke: bool, out_dir: Path = RESULTS, batch: int = 8, seq: int = 2048, w
                 gc.collect()  # the provider's model and optimizer are gone before the next one is built
                 if device == "cuda":
                     torch.cuda.empty_cache()
-                _write(path, lines + _rows(results, peak))  # after every row: a time limit keeps what ran
-    print("\n".join(lines + _rows(results, peak)))
-    return path
+                # after every row: a time limit keeps what ran
+                write_table(lines + _rows(results, peak), path.name, path.parent, echo=False)
+    return write_table(lines + _rows(results, peak), path.name, path.parent)
 
 
 def _rows(results: dict, peak: float | None) -> list[str]:
@@ -180,13 +180,6 @@ def _rows(results: dict, peak: float | None) -> list[str]:
                 f"| {r['peak_gib']:.1f} | {r['loss']:.3f} |"
             )
     return lines
-
-
-def _write(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> None:

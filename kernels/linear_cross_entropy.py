@@ -12,11 +12,11 @@ rows not ignored (by 1 when every row is: the loss and gradients are then 0, not
 loss_i per row (DPO's per-token log-probs are its negation, with eps = z = 0).
 
 The rows are taken a chunk at a time: the chunk's logits [C, V] are one matmul (in the inputs' dtype), a
-row function turns them into the per-row loss and log-sum-exp and, when gradients are wanted, writes
+row function turns them into the per-row loss and, when gradients are wanted, writes
 d loss / d logits over them in place; then d h_chunk = g W and d W += g^T h_chunk, and the chunk's logits
 are gone. So memory holds one chunk's logits, never all of them. For 'mean'/'sum' (training) the gradients
 are computed in the forward (three matmuls a chunk, as the unfused head + loss; the backward only scales
-them by the incoming gradient); for 'none' the forward keeps only lse, and the backward recomputes each
+them by the incoming gradient); for 'none' the forward keeps its inputs, and the backward recomputes each
 chunk with the incoming per-row gradients.
 
 The row function is the only part the two backends do differently:
@@ -45,7 +45,7 @@ def chunk_rows(n: int, vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
 
 
 def ce_rows_reference(logits, targets, ignore_index: int, eps: float, z: float, scale):
-    """(loss [C], lse [C]) in fp32 for a chunk of logits [C, V]; with `scale` [C], the gradient of
+    """The loss [C] in fp32 of each row of a chunk of logits [C, V]; with `scale` [C], the gradient of
     sum_i scale_i * loss_i with respect to the logits is written over `logits`."""
     x = logits.float()
     v = x.shape[1]
@@ -67,11 +67,11 @@ def ce_rows_reference(logits, targets, ignore_index: int, eps: float, z: float, 
         g[torch.arange(len(t), device=t.device), t] -= 1 - eps
         g.mul_(torch.where(valid, scale, 0.0)[:, None])
         logits.copy_(g)
-    return loss, lse
+    return loss
 
 
 @triton.jit
-def _ce_rows(X, T, LOSS, LSE, SCALE, stride_x, V, ignore_index, eps, z, HAS_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _ce_rows(X, T, LOSS, SCALE, stride_x, V, ignore_index, eps, z, HAS_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     xp = X + row * stride_x
     t = tl.load(T + row)
@@ -92,7 +92,6 @@ def _ce_rows(X, T, LOSS, LSE, SCALE, stride_x, V, ignore_index, eps, z, HAS_GRAD
     x_t = tl.load(xp + t).to(tl.float32)
     loss = lse - (1.0 - eps) * x_t - eps * sx / V + z * lse * lse
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
-    tl.store(LSE + row, lse)
     if HAS_GRAD:
         sc = tl.where(valid, tl.load(SCALE + row), 0.0)
         up = 1.0 + 2.0 * z * lse
@@ -109,14 +108,12 @@ def ce_rows_triton(logits, targets, ignore_index: int, eps: float, z: float, sca
     """As ce_rows_reference, one Triton program per row."""
     c, v = logits.shape
     loss = torch.empty(c, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(c, dtype=torch.float32, device=logits.device)
     if c:
         block = min(VOCAB_BLOCK, triton.next_power_of_2(v))
         _ce_rows[(c,)](
             logits,
             targets,
             loss,
-            lse,
             scale if scale is not None else loss,
             logits.stride(0),
             v,
@@ -127,7 +124,7 @@ def ce_rows_triton(logits, targets, ignore_index: int, eps: float, z: float, sca
             BLOCK=block,
             num_warps=num_warps_for(block),
         )
-    return loss, lse
+    return loss
 
 
 # ---------------------------------------------------------------------------------------- the chunked op
@@ -155,7 +152,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         n = h.shape[0]
         valid = targets != ignore_index
         losses = torch.empty(n, dtype=torch.float32, device=h.device)
-        lse = torch.empty(n, dtype=torch.float32, device=h.device)
         count = valid.sum().clamp(min=1)
         now = (need_h or need_w) and reduction != "none"  # gradients now, scaled in the backward
         dh = torch.empty_like(h) if now and need_h else None
@@ -167,13 +163,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                 scale /= count
         for sl in _chunks(n, rows):
             logits = h[sl] @ w.t()
-            losses[sl], lse[sl] = rows_fn(logits, targets[sl], ignore_index, eps, z, scale[sl] if now else None)
+            losses[sl] = rows_fn(logits, targets[sl], ignore_index, eps, z, scale[sl] if now else None)
             if now:
                 _accumulate(dh, dw, logits, h, w, sl)
         ctx.reduction, ctx.rows_fn, ctx.rows, ctx.args = reduction, rows_fn, rows, (ignore_index, eps, z)
         ctx.need, ctx.w_dtype = (need_h, need_w), w.dtype
         if reduction == "none":
-            ctx.save_for_backward(h, w, targets, lse)
+            ctx.save_for_backward(h, w, targets)
             return losses
         ctx.save_for_backward(dh, dw)
         total = losses.sum()
@@ -188,7 +184,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             gh = dh * grad.to(dh.dtype) if need_h else None
             gw = (dw * grad).to(ctx.w_dtype) if need_w else None
             return (gh, gw, *none)
-        h, w, targets, _ = ctx.saved_tensors
+        h, w, targets = ctx.saved_tensors
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         scale = grad.float().contiguous()

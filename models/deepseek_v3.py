@@ -151,7 +151,7 @@ class MoELM(CausalLMBase):
         emb = self.model.embed_tokens(input_ids[:, 1:])
         x = m.eh_proj(torch.cat((m.hnorm(h[:, :-1]), m.enorm(emb)), dim=-1))
         if isinstance(mask, PackedRows):
-            sub_mask = mask.head(mask.seq_start.shape[1] - 1)
+            sub_mask = PackedRows(mask.seq_start[:, :-1])  # the first T-1 positions keep their starts
         else:
             sub_mask = mask[..., :-1, :-1] if mask is not None else None
         x, _ = m.block(x, cos[:, :-1], sin[:, :-1], sub_mask)

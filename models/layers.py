@@ -36,10 +36,6 @@ class PackedRows(NamedTuple):
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
 
-    def head(self, n: int) -> PackedRows:
-        """The rows' first n positions (the MTP module's), sequence starts only."""
-        return PackedRows(self.seq_start[:, :n])
-
 
 def packed_rows(segment_ids: torch.Tensor, with_cu_seqlens: bool) -> PackedRows:
     seq_start = kernels.seq_start_from_segments(segment_ids)
