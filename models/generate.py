@@ -1,5 +1,10 @@
 """Autoregressive generation with a KV cache: greedy or sampled (temperature, top-k, top-p),
-repetition penalty, batched left-padded prompts, stop tokens, and a streaming callback."""
+repetition penalty, batched left-padded prompts, stop tokens, and a streaming callback.
+
+Sampling draws from one torch.Generator for the whole batch, or, given `uniforms` [B, steps], by
+inverting each row's cumulative distribution at its own uniform number: a row's sample then depends
+only on its prompt, its numbers and the model, not on which other rows share the batch (the RL stage
+uses this so that a prompt's samples are the same on one rank or many)."""
 
 from __future__ import annotations
 
@@ -39,15 +44,21 @@ def pick_next(
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
     generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The next token [B] from the last position's logits [B, V]: greedy at temperature 0, else sampled
-    after the repetition penalty (over `context` [B, T], the ids so far), top-k and top-p."""
+    after the repetition penalty (over `context` [B, T], the ids so far), top-k and top-p; with `uniform`
+    [B] in [0, 1), row i takes the first token whose cumulative probability exceeds uniform[i]."""
     logits = logits.float()
     if repetition_penalty != 1.0:
         logits = _penalize_repeats(logits, context, repetition_penalty)
     if temperature > 0:
         probs = _filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if uniform is None:
+            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        cdf = probs.cumsum(-1)
+        u = uniform.to(cdf)[:, None] * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
     return logits.argmax(-1)
 
 
@@ -94,10 +105,14 @@ def generate(
     generator: torch.Generator | None = None,
     on_token: Callable[[int, int], None] | None = None,
     pixel_values: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
+    on_logits: Callable[[torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (stop token included when reached). temperature 0 means greedy.
     on_token(batch_index, token_id) is called as each token is produced. pixel_values (a VLM): the
-    prompts' images, in prompt order, used by the prefill."""
+    prompts' images, in prompt order, used by the prefill. uniforms [B, >= max_new_tokens]: each row's
+    random numbers for sampling (instead of `generator`). on_logits(logits [B, V]) sees the logits each
+    new token is picked from (row i's k-th call belongs to its k-th token while it has not stopped)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
@@ -123,8 +138,13 @@ def generate(
     extra = {"pixel_values": pixel_values.to(device)} if pixel_values is not None else {}
     logits = model(ids, attention_mask=mask if padded else None, position_ids=positions, kv_cache=cache, **extra).logits
     context = ids  # prompt (padding included: pad_id is never a real token) and tokens so far
-    for _ in range(max_len - t):
-        nxt = pick_next(logits[:, -1, :], context, temperature, top_k, top_p, repetition_penalty, generator)
+    if uniforms is not None and (uniforms.dim() != 2 or uniforms.shape[0] != b or uniforms.shape[1] < max_len - t):
+        raise ValueError(f"uniforms must be [{b}, >= {max_len - t}], got {list(uniforms.shape)}")
+    for k in range(max_len - t):
+        if on_logits is not None:
+            on_logits(logits[:, -1, :])
+        u = uniforms[:, k] if uniforms is not None else None
+        nxt = pick_next(logits[:, -1, :], context, temperature, top_k, top_p, repetition_penalty, generator, u)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         context = torch.cat([context, nxt[:, None]], dim=1)
         for i in range(b):

@@ -5,6 +5,7 @@ llm-scratch tokenizer --data F... --vocab-size N --out DIR
 llm-scratch pretrain --data F... --tokenizer DIR --out DIR [--preset tiny]
 llm-scratch sft --init DIR --data F... --out DIR
 llm-scratch dpo --init DIR --data F... --out DIR
+llm-scratch grpo --init DIR --data PROMPTS... --out DIR   RL with verifiable rewards
 llm-scratch vlm-init --llm DIR --out DIR    a VLM from a dense model and a fresh vision tower
 llm-scratch chat --checkpoint DIR [--think|--no-think] [--prompt TEXT]
 llm-scratch serve --checkpoint DIR [--port 8000] an OpenAI-compatible server (reasoning apart)
@@ -48,11 +49,11 @@ def cmd_data(ns) -> None:
 
     out = Path(ns.out)
     owned = OwnedFiles(out, ".llm-scratch-data.json", "llm-scratch data")
-    names = [f"{name}_{split}.jsonl" for name in ("pretrain", "sft", "dpo") for split in ("train", "eval")]
+    names = [f"{name}_{split}.jsonl" for name in ("pretrain", "sft", "dpo", "rl") for split in ("train", "eval")]
     if ns.images:
         names += ["images"] + [f"vlm_{k}_{s}.jsonl" for k in ("caption", "sft", "dpo") for s in ("train", "eval")]
     owned.claim(names)  # an earlier `data` run's files are replaced; anything else in the way is refused
-    paths = generate(ns.out, seed=ns.seed, pretrain_docs=ns.pretrain_docs, sft=ns.sft, dpo=ns.dpo)
+    paths = generate(ns.out, seed=ns.seed, pretrain_docs=ns.pretrain_docs, sft=ns.sft, dpo=ns.dpo, rl=ns.rl)
     if ns.images:
         from .data.synthetic_images import generate_images
 
@@ -208,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pretrain-docs", type=int, default=20000)
     s.add_argument("--sft", type=int, default=4000)
     s.add_argument("--dpo", type=int, default=2000)
+    s.add_argument("--rl", type=int, default=2000, help="RL prompts with answers (the grpo stage's data)")
     s.add_argument("--images", type=int, default=0, help="also this many VLM training images (+10%% held out)")
     s.add_argument("--image-size", type=int, default=32)
     s.set_defaults(fn=cmd_data)

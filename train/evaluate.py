@@ -54,7 +54,7 @@ def load_eval_records(path, images_anywhere: bool = False) -> list[EvalRecord]:
         prompt = [m for m in conv.messages if m["role"] != "assistant"]
         question = next(m["content"] for m in reversed(prompt) if m["role"] == "user")
         cat = f"image {rec['kind']}" if conv.images and "kind" in rec else category(question)
-        out.append(EvalRecord(prompt, str(rec["answer"]), cat, conv.images))
+        out.append(EvalRecord(prompt, str(rec["answer"]), cat, conv.images, where))
     return out
 
 

@@ -13,7 +13,7 @@ from .errors import UserError
 
 def add_finetune_data_args(p: argparse.ArgumentParser, what: str) -> None:
     d = p.add_argument_group("data")
-    d.add_argument("--init", metavar="DIR", help="starting model: our checkpoint or run dir, or a transformers dir")
+    add_start_args(d)
     d.add_argument(
         "--data",
         nargs="+",
@@ -26,8 +26,17 @@ def add_finetune_data_args(p: argparse.ArgumentParser, what: str) -> None:
     )
     d.add_argument("--workers", type=int, help="processes that tokenize the data (default: one per core from 32 MB)")
     d.add_argument("--eval-fraction", type=float, default=0.02, help="records held out when no --eval-data")
-    d.add_argument("--tokenizer", metavar="DIR", help="default: the --init checkpoint's tokenizer")
     d.add_argument("--seq-len", type=int, default=512, help="longest row in tokens (see the truncation policy)")
+    add_vlm_data_args(d)
+
+
+def add_start_args(d) -> None:
+    """The starting model and its tokenizer (every stage that fine-tunes a model)."""
+    d.add_argument("--init", metavar="DIR", help="starting model: our checkpoint or run dir, or a transformers dir")
+    d.add_argument("--tokenizer", metavar="DIR", help="default: the --init checkpoint's tokenizer")
+
+
+def add_vlm_data_args(d) -> None:
     d.add_argument(
         "--train",
         default="all",

@@ -13,6 +13,19 @@ ref_r of the chosen and rejected completions, d = (pi_c - ref_c) - (pi_r - ref_r
     ipo:      (d - 1 / (2 * beta))^2                                             (Azar et al. 2023)
 Rewards are beta * (pi - ref); the margin is their difference; accuracy is the share of pairs whose
 chosen reward exceeds the rejected one.
+
+GRPO (Shao et al. 2024, DeepSeekMath) and two variants, `grpo_advantages` and `grpo_loss`. For a group of
+G completions of one prompt with rewards r_1..r_G, and per token t of completion i the ratio
+rho = exp(logp - old_logp) of the policy to the one that sampled it:
+    advantage   A_i = (r_i - mean(r)) / (std(r) + 1e-4)       grpo, dapo (std: the sample std, n - 1)
+                A_i =  r_i - mean(r)                           dr_grpo (no division: Liu et al. 2025)
+    token loss  l_it = -min(rho * A_i, clip(rho, 1 - eps_low, 1 + eps_high) * A_i)
+                       + beta * (exp(ref - logp) - (ref - logp) - 1)      (k3 estimate of KL(pi || ref))
+    aggregate   grpo:    mean over completions of (mean over its tokens)
+                dapo:    sum over all tokens / number of tokens            (token level; Yu et al. 2025)
+                dr_grpo: sum over all tokens / (completions * max_new_tokens)   (a constant length)
+DAPO also clips asymmetrically (eps_high > eps_low) and drops the groups whose rewards are all equal
+(their advantages are zero: they would only dilute the batch); a dropped completion has `keep` False.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import torch.nn.functional as F
 from models import IGNORE_INDEX
 
 LOSS_TYPES = ("sigmoid", "ipo")
+GRPO_VARIANTS = ("grpo", "dr_grpo", "dapo")
 
 
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -80,3 +94,79 @@ def dpo_loss(
         "logp_rejected": pi_r.detach().mean().item(),
     }
     return losses.mean(), stats
+
+
+def grpo_advantages(rewards: torch.Tensor, variant: str) -> torch.Tensor:
+    """Advantages [P, G] of rewards [P, G] (one row per prompt's group), normalised within each group."""
+    if rewards.shape[-1] < 2:
+        raise ValueError("a group needs at least 2 completions")
+    centered = rewards - rewards.mean(-1, keepdim=True)
+    if variant == "dr_grpo":
+        return centered
+    return centered / (rewards.std(-1, keepdim=True) + 1e-4)
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    variant: str,
+    old_logps: torch.Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    max_new_tokens: int = 1,
+) -> tuple[torch.Tensor, dict]:
+    """The loss of one micro-batch of completions (the formulas above) and its statistics.
+
+    logps, old_logps, ref_logps: [N, T] log-probs of each completion token (old: the sampling policy's;
+    None when it is this very policy, so the ratio is 1 with its gradient); advantages [N]; mask [N, T]
+    True at the completion tokens of kept completions. The mean over a micro-batch (of completions for
+    grpo and dr_grpo, of tokens for dapo) is what the trainer's weights (`grpo_weight`) combine into the
+    mean over the global batch."""
+    if variant not in GRPO_VARIANTS:
+        raise ValueError(f"variant must be one of {GRPO_VARIANTS}, got {variant!r}")
+    # positions outside the mask (prompt, padding, dropped completions) hold whatever a forward gave there:
+    # zeroed first, so not even an infinite value there reaches the loss or its gradient
+    off = ~mask.bool()
+    logps = logps.masked_fill(off, 0.0)
+    old = logps.detach() if old_logps is None else old_logps.masked_fill(off, 0.0)
+    ref_logps = None if ref_logps is None else ref_logps.masked_fill(off, 0.0)
+    mask = mask.to(logps.dtype)
+    ratio = torch.exp(logps - old)
+    adv = advantages.to(logps.dtype)[:, None]
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    kl = None
+    if ref_logps is not None:  # logged whenever the reference is there; in the loss when beta > 0
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        if beta:
+            per_token = per_token + beta * kl
+    tokens_per_seq = mask.sum(-1)
+    kept = tokens_per_seq > 0
+    if variant == "grpo":
+        loss = ((per_token * mask).sum(-1) / tokens_per_seq.clamp(min=1)).sum() / kept.sum().clamp(min=1)
+    elif variant == "dapo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    else:
+        loss = (per_token * mask).sum() / (kept.sum().clamp(min=1) * max_new_tokens)
+    n_tokens = mask.sum().clamp(min=1)
+    with torch.no_grad():
+        is_clipped = (clipped < unclipped).to(mask.dtype)  # the clip is the smaller term: no gradient there
+        stats = {
+            "clip_fraction": float((is_clipped * mask).sum() / n_tokens),
+            "ratio": float((ratio * mask).sum() / n_tokens),
+        }
+        if kl is not None:
+            stats["kl"] = float((kl * mask).sum() / n_tokens)
+    return loss, stats
+
+
+def grpo_weight(variant: str, mask: torch.Tensor) -> float:
+    """A micro-batch's share of the global mean: its kept completions (grpo, dr_grpo) or tokens (dapo)."""
+    if variant == "dapo":
+        return float(mask.sum())
+    return float((mask.sum(-1) > 0).sum())

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
-from . import dpo, pretrain, sft, vlm_init
+from . import dpo, grpo, pretrain, sft, vlm_init
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ STAGES: dict[str, Stage] = {
     "pretrain": Stage(pretrain, "pretrain a model on text"),
     "sft": Stage(sft, "supervised fine-tuning on conversations (loss on assistant tokens)"),
     "dpo": Stage(dpo, "direct preference optimization on chosen/rejected pairs"),
+    "grpo": Stage(grpo, "reinforcement learning with verifiable rewards (GRPO, Dr. GRPO, DAPO)"),
     "vlm-init": Stage(vlm_init, "a VLM from a dense model and a fresh vision tower"),
 }
 

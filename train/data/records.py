@@ -38,3 +38,4 @@ class EvalRecord:
     answer: str
     category: str
     images: list[Path] = field(default_factory=list)
+    where: str = ""

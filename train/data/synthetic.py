@@ -6,7 +6,9 @@ Produces, each with a held-out evaluation split that is disjoint from training:
   <think>...</think> before the answer, plus a few non-arithmetic tasks (reversing a word, comparing
   numbers, counting letters); about one sample in five answers with thinking switched off;
 - DPO pairs (`{"prompt", "chosen", "rejected"}`): the correct reasoning and answer against a
-  plausible wrong one (a dropped carry or borrow, an off-by-ten slip).
+  plausible wrong one (a dropped carry or borrow, an off-by-ten slip);
+- RL prompts (`{"messages", "answer"}`): questions with their exact answers, operands of 1 to 4 digits
+  equally often.
 Evaluation records also carry `answer`, the exact expected final answer.
 
 Split rule: a problem (or story) goes to evaluation when the CRC32 of its key is divisible by
@@ -222,8 +224,8 @@ ARITHMETIC_SHARE = 0.75  # of the SFT conversations; the rest are the small chat
 OPERAND_DIGITS = (1, 2, 3, 3, 3, 4)  # mostly 3-digit numbers, some shorter and some longer
 
 
-def _operands(rng: random.Random) -> tuple[int, int, str]:
-    da, db = rng.choice(OPERAND_DIGITS), rng.choice(OPERAND_DIGITS)
+def _operands(rng: random.Random, digits: tuple[int, ...] = OPERAND_DIGITS) -> tuple[int, int, str]:
+    da, db = rng.choice(digits), rng.choice(digits)
     a = rng.randint(10 ** (da - 1) if da > 1 else 0, 10**da - 1)
     b = rng.randint(10 ** (db - 1) if db > 1 else 0, 10**db - 1)
     return a, b, rng.choice("+-")
@@ -302,6 +304,21 @@ def dpo_example(rng: random.Random) -> tuple[str, dict]:
     return f"{a}{op}{b}", record
 
 
+RL_OPERAND_DIGITS = (1, 2, 3, 4)  # RL prompts: every length as often, so the rarer ones are practised too
+RL_ARITHMETIC_SHARE = 0.9
+
+
+def rl_example(rng: random.Random) -> tuple[str, dict]:
+    """A prompt with its verifiable answer for the RL stage (no assistant turn)."""
+    if rng.random() < RL_ARITHMETIC_SHARE:
+        a, b, op = _operands(rng, RL_OPERAND_DIGITS)
+        q, _, answer, _ = arithmetic_problem(a, b, op)
+        key = f"{a}{op}{b}"
+    else:
+        key, q, _, answer = chat_task(rng)
+    return key, {"messages": [{"role": "user", "content": q}], "answer": answer}
+
+
 # ---------------------------------------------------------------- splits and files
 
 
@@ -330,9 +347,11 @@ def generate(
     pretrain_docs: int = 20000,
     sft: int = 4000,
     dpo: int = 2000,
+    rl: int = 2000,
     eval_fraction: float = 0.05,
 ) -> dict[str, Path]:
-    """Write the six JSONL files into out_dir and return their paths by name."""
+    """Write the eight JSONL files (pretrain, sft, dpo, rl; train and eval) into out_dir and return their
+    paths by name. Only the RL prompts keep their answers in the training split (the reward needs them)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -344,6 +363,7 @@ def generate(
         "pretrain": _split(pre, random.Random(f"{seed}-pretrain"), pretrain_docs, n_eval(pretrain_docs)),
         "sft": _split(sft_example, random.Random(f"{seed}-sft"), sft, n_eval(sft)),
         "dpo": _split(dpo_example, random.Random(f"{seed}-dpo"), dpo, n_eval(dpo)),
+        "rl": _split(rl_example, random.Random(f"{seed}-rl"), rl, n_eval(rl)),
     }
     paths = {}
     for name, (train, evals) in splits.items():
@@ -352,7 +372,7 @@ def generate(
             tmp = path.with_name(path.name + ".tmp")
             with tmp.open("w") as f:
                 for rec in records:
-                    if split == "train":
+                    if split == "train" and name != "rl":
                         rec = {k: v for k, v in rec.items() if k != "answer"}
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             tmp.replace(path)

@@ -94,6 +94,7 @@ class Trainer:
         tokenizer_dir: Path | None = None,
         run_config: dict | None = None,
         title: str = "training loss",
+        rows_per_step: int | None = None,
     ):
         if args.max_steps < 1:
             raise UserError(f"--max-steps must be at least 1, got {args.max_steps}")
@@ -119,7 +120,9 @@ class Trainer:
         self.engine = make_engine(
             self.model, self.optim_cfg, self.device, args.deepspeed, args.batch_size, args.expert_parallel_size
         )
-        self.order = BatchOrder(len(train_set), args.batch_size, args.seed, self.rank, self.world_size)
+        # rows of train_set each rank draws per step: the micro-batch, or what a stage draws from (RL: prompts)
+        per_rank = rows_per_step or args.batch_size
+        self.order = BatchOrder(len(train_set), per_rank, args.seed, self.rank, self.world_size)
         self.step = 0
         self.tokens_seen = 0
         self.nonfinite_steps = 0
@@ -216,6 +219,10 @@ class Trainer:
         out = {f"eval_{k}": v / n for k, v in totals.items()}
         out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
         return out
+
+    def describe_eval(self, ev: dict) -> str:
+        """The progress line of a held-out evaluation."""
+        return f"held-out loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})"
 
     @torch.no_grad()
     def map_rows(self, dataset, fn: Callable[[torch.nn.Module, dict], torch.Tensor], width: int):
@@ -356,17 +363,19 @@ class Trainer:
             bar.update(1)
             if self.args.eval_every and (self.step % self.args.eval_every == 0 or self.step == end):
                 ev = self.evaluate()
-                if ev and not math.isfinite(ev["eval_loss"]):
+                bad = [k for k, v in ev.items() if not math.isfinite(v)]
+                if bad:
                     bar.close()
+                    name = "loss" if "eval_loss" in bad else bad[0].removeprefix("eval_")
                     raise UserError(
-                        f"step {self.step}: the held-out loss is {ev['eval_loss']}: training diverged; stopped "
-                        f"without saving ({self._kept()}); try a lower --lr"
+                        f"step {self.step}: the held-out {name} is {ev['eval_' + name]}: training diverged; "
+                        f"stopped without saving ({self._kept()}); try a lower --lr"
                     )
                 if ev:
                     log.write({"step": self.step, **ev})
                     summary["eval_after"] = ev
                     if self.is_main:
-                        bar.write(f"step {self.step}: held-out loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})")
+                        bar.write(f"step {self.step}: {self.describe_eval(ev)}")
             if self.step % self.args.save_every == 0 or self.step == end:
                 summary["checkpoint"] = str(self.save())
         bar.close()
