@@ -368,3 +368,61 @@ def test_compiled_layers_on_two_ranks_match_one_process(launcher, reference, syn
     args = _common(synthetic_dir, tokenizer_dir, out) + ["--compile"]
     _launch(launcher, args, "zero2.json" if launcher == "deepspeed" else None)
     _assert_same(_losses(out), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_grpo_on_two_ranks_matches_one_process(launcher, sft_model_dir, synthetic_dir, tmp_path, monkeypatch):
+    """GRPO under DDP and under ZeRO-2: each rank samples its share of the prompts, and a prompt's samples
+    do not depend on where it is sampled (train/grpo.py), so two ranks give one process's rollouts,
+    rewards, losses and KL, with two inner steps per rollout and the KL in the loss. (A reward that the
+    micro model's samples differ in, so the advantages are not all zero.)"""
+    from train.grpo import main as grpo_main
+
+    (tmp_path / "ranks_reward.py").write_text("def r(completion, answer, finished):\n    return len(completion) % 5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+
+    def args(out):
+        return [
+            "--init",
+            str(sft_model_dir),
+            "--data",
+            str(synthetic_dir / "rl_train.jsonl"),
+            "--out",
+            str(out),
+            "--group-size",
+            "4",
+            "--prompts-per-step",
+            "4",
+            "--max-new-tokens",
+            "24",
+            "--max-steps",
+            "4",
+            "--inner-steps",
+            "2",
+            "--kl-beta",
+            "0.05",
+            "--eval-every",
+            "0",
+            "--save-every",
+            "4",
+            "--lr",
+            "1e-3",
+            "--seed",
+            "5",
+            "--no-progress",
+            "--reward",
+            "exact=1",
+            "ranks_reward:r=0.5",
+        ]
+
+    grpo_main(args(tmp_path / "one") + ["--batch-size", "8"])
+    _launch(launcher, args(tmp_path / "two"), "zero2.json" if launcher == "deepspeed" else None, module="train.grpo")
+    keys = ("loss", "reward", "kl", "response_length", "clip_fraction")
+    got, want = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("two", "one"))
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4]
+    for a, b in zip(got, want):
+        for k in keys:
+            assert a[k] == pytest.approx(b[k], rel=RTOL, abs=1e-9), (a["step"], k, a[k], b[k])
+    assert all(r["loss"] != 0 and r["grad_norm"] > 0 for r in want) and want[1]["kl"] > 0

@@ -64,7 +64,8 @@ def _hand_loss(logps, old, ref, adv, mask, variant, lo, hi, beta, max_new):
 @pytest.mark.parametrize("beta", [0.0, 0.1])
 def test_loss_matches_hand_computed_values(variant, beta):
     logps = [[-1.0, -0.5, -2.0, -0.1], [-0.3, -0.2, -9.0, -9.0], [-1.5, -1.0, -0.7, -2.2]]
-    old = [[-1.2, -0.5, -1.5, -0.1], [-0.1, -0.9, -9.0, -9.0], [-1.5, -1.1, -0.2, -2.0]]
+    # clipped: token (0, 0) (ratio e^0.5 above 1.28 with A > 0) and (1, 0) (e^-0.5 below 0.8 with A < 0)
+    old = [[-1.5, -0.5, -1.5, -0.1], [0.2, -0.9, -9.0, -9.0], [-1.5, -1.1, -0.2, -2.0]]
     ref = [[-1.1, -0.6, -1.9, -0.2], [-0.4, -0.3, -9.0, -9.0], [-1.4, -0.8, -0.9, -2.1]]
     mask = [[True, True, True, False], [True, True, False, False], [True, True, True, True]]
     adv = [1.3, -0.7, 0.4]
@@ -87,14 +88,20 @@ def test_loss_matches_hand_computed_values(variant, beta):
     loss.backward()
     g = lp.grad
     assert torch.all(g[~torch.tensor(mask)] == 0)  # masked tokens get no gradient
-    n_tok = sum(map(sum, mask))
-    clipped = 0
-    for i in range(3):
-        for t in range(4):
-            if mask[i][t]:
-                rho = math.exp(logps[i][t] - old[i][t])
-                clipped += min(max(rho, 1 - lo), 1 + hi) * adv[i] < rho * adv[i]
-    assert stats["clip_fraction"] == pytest.approx(clipped / n_tok)
+    clipped = [
+        [
+            min(max(math.exp(a - b), 1 - lo), 1 + hi) * adv[i] < math.exp(a - b) * adv[i]
+            for a, b in zip(logps[i], old[i])
+        ]
+        for i in range(3)
+    ]
+    on = [[c for c, m in zip(clipped[i], mask[i]) if m] for i in range(3)]
+    if variant == "dapo":  # statistics are averaged like the loss: over tokens, or over completions
+        want_fraction = sum(map(sum, on)) / sum(map(len, on))
+    else:
+        want_fraction = sum(sum(row) / len(row) for row in on) / 3
+    assert stats["clip_fraction"] == pytest.approx(want_fraction)
+    assert 0 < want_fraction < 1
     assert "kl" in stats
 
 
@@ -365,3 +372,24 @@ def test_a_nan_reward_stops_the_run_with_one_line(sft_model_dir, synthetic_dir, 
     args = ["grpo"] + _args(sft_model_dir, synthetic_dir, tmp_path / "x")[:-4] + ["--reward", "nan_reward_mod:r"]
     err = cli_error(args, "reward nan_reward_mod:r returned nan")
     assert "rl_train.jsonl:" in err
+
+
+def test_vlm_takes_the_same_stage_with_images(sft_model_dir, tmp_path, rewards_module):
+    """A VLM's prompts carry their images into generation and into the training rows."""
+    from train.data.synthetic_images import generate_images
+    from train.vlm_init import init_vlm
+
+    data = generate_images(tmp_path / "img", train=16, held_out=4)
+    init_vlm(str(sft_model_dir), str(tmp_path / "vlm0"), preset="micro")
+    args = _args(tmp_path / "vlm0", tmp_path, tmp_path / "g")
+    args[args.index("--data") + 1] = str(data["vlm_sft_train"])
+    args[args.index("--eval-data") + 1] = str(data["vlm_sft_eval"])
+    summary = grpo_main(args + ["--max-steps", "2", "--save-every", "2", "--eval-every", "2"])
+    steps = [r for r in _records(tmp_path / "g") if "loss" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) and r["entropy"] > 0 for r in steps)
+    assert summary["eval_after"]["eval_records"] == 6
+    from models import load_pretrained
+
+    before, after = load_pretrained(tmp_path / "vlm0"), load_pretrained(tmp_path / "g")
+    moved = [n for n, p in after.state_dict().items() if not torch.equal(p, before.state_dict()[n])]
+    assert any(n.startswith("vision_tower.") for n in moved)  # the images reached the loss's gradient

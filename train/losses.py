@@ -153,15 +153,18 @@ def grpo_loss(
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
     else:
         loss = (per_token * mask).sum() / (kept.sum().clamp(min=1) * max_new_tokens)
-    n_tokens = mask.sum().clamp(min=1)
     with torch.no_grad():
+        # statistics averaged the way the micro-batch is weighted (grpo_weight): over tokens for dapo, else
+        # over completions (each its token mean), so they combine into the global batch's exactly
+        def average(x: torch.Tensor) -> float:
+            if variant == "dapo":
+                return float((x * mask).sum() / mask.sum().clamp(min=1))
+            return float(((x * mask).sum(-1) / tokens_per_seq.clamp(min=1)).sum() / kept.sum().clamp(min=1))
+
         is_clipped = (clipped < unclipped).to(mask.dtype)  # the clip is the smaller term: no gradient there
-        stats = {
-            "clip_fraction": float((is_clipped * mask).sum() / n_tokens),
-            "ratio": float((ratio * mask).sum() / n_tokens),
-        }
+        stats = {"clip_fraction": average(is_clipped), "ratio": average(ratio)}
         if kl is not None:
-            stats["kl"] = float((kl * mask).sum() / n_tokens)
+            stats["kl"] = average(kl)
     return loss, stats
 
 
