@@ -140,11 +140,15 @@ def generate(
     context = ids  # prompt (padding included: pad_id is never a real token) and tokens so far
     if uniforms is not None and (uniforms.dim() != 2 or uniforms.shape[0] != b or uniforms.shape[1] < max_len - t):
         raise ValueError(f"uniforms must be [{b}, >= {max_len - t}], got {list(uniforms.shape)}")
+    image_id = getattr(model.config, "image_token_id", None)  # a VLM: a placeholder is never generated (no image)
     for k in range(max_len - t):
+        last = logits[:, -1, :]
+        if image_id is not None:
+            last = last.index_fill(-1, torch.tensor([image_id], device=device), float("-inf"))
         if on_logits is not None:
-            on_logits(logits[:, -1, :])
+            on_logits(last)
         u = uniforms[:, k] if uniforms is not None else None
-        nxt = pick_next(logits[:, -1, :], context, temperature, top_k, top_p, repetition_penalty, generator, u)
+        nxt = pick_next(last, context, temperature, top_k, top_p, repetition_penalty, generator, u)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         context = torch.cat([context, nxt[:, None]], dim=1)
         for i in range(b):

@@ -74,17 +74,19 @@ def test_pipeline_through_the_real_entry_points(tmp_path):
 
 @pytest.mark.slow
 def test_demo_quick(tmp_path):
-    r = _run(str(BIN / "llm-scratch"), "demo", "--quick", "--out", str(tmp_path / "demo"))
+    r = _run(str(BIN / "llm-scratch"), "demo", "--quick", "--out", str(tmp_path / "demo"), "--seed", "7")
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert set(res["text_accuracy"]) == {"pretrain", "sft", "dpo"}
+    assert set(res["text_accuracy"]) == {"pretrain", "sft", "dpo", "grpo"} and res["seed"] == 7
+    assert 0 <= res["grpo"]["last_accuracy"] <= 1
+    assert "GRPO" in r.stdout
     assert all(0 <= a["overall"] <= 1 for a in res["text_accuracy"].values())
     assert res["pretrain"]["eval_loss_after"] < res["pretrain"]["eval_loss_before"]
     assert res["moe"]["hf_max_diff"] < 1e-4 and res["moe"]["load_peak"] >= 1.0
     assert res["chat_agrees_with_transformers"] == [2, 2]  # transformers generates the same tokens
-    assert set(res["vlm"]["accuracy"]) == {"init", "align", "sft", "dpo"} and res["vlm"]["hf_max_diff"] < 1e-4
+    assert set(res["vlm"]["accuracy"]) == {"init", "align", "sft", "dpo", "grpo"} and res["vlm"]["hf_max_diff"] < 1e-4
     assert 0 <= res["dpo_pairs"]["after"]["eval_accuracy"] <= 1
-    for stage in ("pretrain", "moe", "sft", "dpo", "vlm_align", "vlm_sft", "vlm_dpo"):
+    for stage in ("pretrain", "moe", "sft", "dpo", "grpo", "vlm_align", "vlm_sft", "vlm_dpo", "vlm_grpo"):
         assert (tmp_path / "demo" / stage / "loss.png").exists()
     for export in ("hf", "moe_hf", "vlm_hf"):
         assert (tmp_path / "demo" / export / "config.json").exists()

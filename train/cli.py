@@ -194,7 +194,7 @@ def cmd_sample(ns) -> None:
 def cmd_demo(ns) -> None:
     from .demo import run_demo
 
-    run_demo(ns.out, steps=ns.steps, quick=ns.quick)
+    run_demo(ns.out, steps=ns.steps, quick=ns.quick, seed=ns.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="demo_out")
     s.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the demo's)")
     s.add_argument("--quick", action="store_true", help="a much smaller run (for smoke tests)")
+    s.add_argument("--seed", type=int, default=0, help="the seed of every part: data, models, order, samples")
     s.set_defaults(fn=cmd_demo)
     return p
 

@@ -1,12 +1,14 @@
 """`llm-scratch demo` (what `make demo` runs): the whole pipeline on the embedded data, on CPU.
 
-tokenizer -> pretrain -> SFT -> DPO -> chat, then export to transformers and generate there. After
-each stage it measures held-out exact-match accuracy on the arithmetic questions (and the other chat
-tasks); after DPO also the preference accuracy and margin on held-out pairs. It ends with a table.
+tokenizer -> pretrain -> SFT -> DPO -> GRPO -> chat, then export to transformers and generate there.
+After each stage it measures held-out exact-match accuracy on the arithmetic questions (and the other
+chat tasks); after DPO also the preference accuracy and margin on held-out pairs. It ends with a table.
+`--seed N` changes every seed of the pipeline: the data, every stage's initialisation, order and samples.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import time
@@ -33,12 +35,14 @@ DEMO_ENTRIES = (
     "moe",
     "sft",
     "dpo",
+    "grpo",
     "hf",
     "moe_hf",
     "vlm_init",
     "vlm_align",
     "vlm_sft",
     "vlm_dpo",
+    "vlm_grpo",
     "vlm_hf",
     RESULTS_FILE,
 )
@@ -46,7 +50,10 @@ CHAT_QUESTIONS = [("What is 487 + 356?", True), ("What is 702 - 358?", False)]
 
 # (name, default settings, --quick settings)
 PLAN = {
-    "sizes": (dict(pretrain_docs=20000, sft=20000, dpo=3000), dict(pretrain_docs=1500, sft=300, dpo=100)),
+    "sizes": (
+        dict(pretrain_docs=20000, sft=20000, dpo=3000, rl=4000),
+        dict(pretrain_docs=1500, sft=300, dpo=100, rl=50),
+    ),
     "preset": ("nano", "micro"),
     "pretrain_steps": (100, 8),
     "moe_steps": (100, 8),
@@ -66,6 +73,12 @@ PLAN = {
     "vlm_align_steps": (100, 4),
     "vlm_sft_steps": (2500, 4),  # shape accuracy after SFT: 91% at 1500 steps, 95% at 2500 (annealed to 0)
     "vlm_dpo_steps": (30, 4),
+    "grpo_steps": (40, 2),
+    "grpo_group": (8, 2),
+    "grpo_prompts": (8, 2),
+    "grpo_lr": (1e-4, 1e-4),
+    "grpo_variant": ("grpo", "grpo"),
+    "vlm_grpo_steps": (0, 2),
 }
 
 
@@ -85,9 +98,9 @@ def claim_demo_dir(out: Path) -> OwnedFiles:
     return owned
 
 
-def _stage(argv: list[str]) -> dict:
-    """Run a stage exactly as `llm-scratch STAGE ARGS...` would."""
-    return run_stage(argv[0], argv[1:])
+def _stage(argv: list[str], seed: int = 0) -> dict:
+    """Run a stage exactly as `llm-scratch STAGE ARGS... --seed SEED` would."""
+    return run_stage(argv[0], argv[1:] + ["--seed", str(seed)])
 
 
 def _accuracy(run_dir: Path, tok, records) -> dict:
@@ -110,7 +123,7 @@ def _arith3(res: dict) -> str:
     return f"{c / n:6.1%} ({c}/{n})" if n else "   n/a"
 
 
-def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: bool = False) -> dict:
+def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: bool = False, seed: int = 0) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # transformers' weight-loading bars would clutter the demo's output
@@ -120,16 +133,17 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     cfg = {k: v[q] for k, v in PLAN.items()}
     if steps:
         cfg["pretrain_steps"] = steps
-    total = 9
+    total = 10
     owned = claim_demo_dir(out)
-    print(f"llm-from-scratch demo -> {out.resolve()}")
+    print(f"llm-from-scratch demo -> {out.resolve()} (seed {seed})")
+    stage = functools.partial(_stage, seed=seed)
 
     def _say(n: int, total: int, text: str) -> None:
         owned.wrote(DEMO_ENTRIES)  # what the steps so far wrote is the demo's (a later demo may replace it)
         print(f"\n[{n}/{total}] {text}", flush=True)
 
     _say(1, total, "synthesizing the embedded data (stories, arithmetic with reasoning, DPO pairs; held-out splits)")
-    paths = generate_data(out / "data", seed=0, **cfg["sizes"])
+    paths = generate_data(out / "data", seed=seed, **cfg["sizes"])
     for name, p in paths.items():
         print(f"  {name:15s} {p}  ({sum(1 for _ in p.open())} records)")
 
@@ -152,7 +166,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     )
     t0 = time.perf_counter()
     s = cfg["pretrain_steps"]
-    pre = _stage(
+    pre = stage(
         [
             "pretrain",
             "--data",
@@ -196,13 +210,13 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
         f"{cfg['preset']!r}, {cfg['moe_steps']} steps",
     )
     t0 = time.perf_counter()
-    moe = _moe_stage(out, paths, tok_dir, cfg, pre)
+    moe = _moe_stage(out, paths, tok_dir, cfg, pre, stage)
     secs["moe"] = time.perf_counter() - t0
 
     _say(5, total, f"SFT: chat-formatted reasoning, loss on assistant tokens only, {cfg['sft_steps']} steps")
     t0 = time.perf_counter()
     s = cfg["sft_steps"]
-    sft = _stage(
+    sft = stage(
         [
             "sft",
             "--init",
@@ -251,7 +265,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     )
     t0 = time.perf_counter()
     s = cfg["dpo_steps"]
-    dpo = _stage(
+    dpo = stage(
         [
             "dpo",
             "--init",
@@ -291,10 +305,26 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     )
     acc["dpo"] = _accuracy(out / "dpo", tok, eval_records)
 
-    _say(7, total, "chat with the final model (greedy): reasoning shown apart from the answer")
+    _say(
+        7,
+        total,
+        f"GRPO: {cfg['grpo_prompts']} prompts x {cfg['grpo_group']} samples per step, rewarded for the exact "
+        f"answer and the format, {cfg['grpo_steps']} steps",
+    )
+    t0 = time.perf_counter()
+    grpo = _grpo(out, paths, cfg, stage)
+    secs["grpo"] = time.perf_counter() - t0
+    acc["grpo"] = _accuracy(out / "grpo", tok, eval_records)
+    print(
+        f"  held-out exact match: addition {_arith(acc['grpo'], 'addition')}, "
+        f"subtraction {_arith(acc['grpo'], 'subtraction')}; sampled answers right "
+        f"{grpo['first_accuracy']:.1%} -> {grpo['last_accuracy']:.1%} (first and last tenth of the steps)"
+    )
+
+    _say(8, total, "chat with the final model (greedy): reasoning shown apart from the answer")
     from .chat import ChatSession, Display
 
-    session = ChatSession(out / "dpo", think=True, temperature=0.0, max_new_tokens=320)
+    session = ChatSession(out / "grpo", think=True, temperature=0.0, max_new_tokens=320)
     for question, think in CHAT_QUESTIONS:
         session.reset()
         session.think = think
@@ -303,7 +333,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
         session.reply(question, Display(buf))
         print("    " + buf.getvalue().rstrip().replace("\n", "\n    "))
 
-    _say(8, total, "exporting to transformers and generating there from the same weights")
+    _say(9, total, "exporting to transformers and generating there from the same weights")
     agree, hf_dir = _export_and_compare(out, tok)
 
     print(
@@ -314,8 +344,9 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
         f"  {'stage':8s} {'3-digit +/-':>16s} {'addition':>16s} {'subtraction':>16s} {'all tasks':>9s} "
         f"{'prefers correct':>15s} {'reward acc':>10s} {'margin':>7s}"
     )
-    prefs = {"pretrain": None, "SFT": before, "DPO": after}
-    for name, res in (("pretrain", acc["pretrain"]), ("SFT", acc["sft"]), ("DPO", acc["dpo"])):
+    prefs = {"pretrain": None, "SFT": before, "DPO": after, "GRPO": None}
+    rows = (("pretrain", acc["pretrain"]), ("SFT", acc["sft"]), ("DPO", acc["dpo"]), ("GRPO", acc["grpo"]))
+    for name, res in rows:
         p = prefs[name]
         pref = (
             f"{p['eval_prefers_chosen']:15.1%} {p['eval_accuracy']:10.1%} {p['eval_margin']:7.2f}"
@@ -334,22 +365,22 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     )
     print(
         f"text models done in {text_elapsed:.0f} s (pretrain {secs['pretrain']:.0f} s, MoE {secs['moe']:.0f} s, "
-        f"SFT {secs['sft']:.0f} s, DPO {secs['dpo']:.0f} s)"
+        f"SFT {secs['sft']:.0f} s, DPO {secs['dpo']:.0f} s, GRPO {secs['grpo']:.0f} s)"
     )
 
     from .demo_vlm import print_vlm_table, run_vlm_demo
 
-    vlm = run_vlm_demo(out, out / "dpo", tok, cfg, _stage, lambda text: _say(9, total, text))
+    vlm = run_vlm_demo(out, out / "grpo", tok, cfg, stage, lambda text: _say(10, total, text), seed)
     print_vlm_table(vlm)
     elapsed = time.perf_counter() - t_all
     print(
         f"\ndemo done in {elapsed:.0f} s (text models {text_elapsed:.0f} s, VLM {vlm['seconds']:.0f} s). "
-        f"Outputs under {out}: data/, tokenizer/, pretrain/, moe/, sft/, dpo/, vlm_*/ (each with metrics.jsonl "
+        f"Outputs under {out}: data/, tokenizer/, pretrain/, moe/, sft/, dpo/, grpo/, vlm_*/ (each with metrics.jsonl "
         f"and loss.png), hf/, moe_hf/ and vlm_hf/ (transformers)."
     )
     print(
-        f"Next: llm-scratch chat --checkpoint {out / 'dpo'}    or    llm-scratch chat --checkpoint "
-        f"{out / 'vlm_dpo'} --image {out / 'data' / 'images' / 'eval_00000.png'}"
+        f"Next: llm-scratch chat --checkpoint {out / 'grpo'}    or    llm-scratch chat --checkpoint "
+        f"{out / vlm['final']} --image {out / 'data' / 'images' / 'eval_00000.png'}"
     )
     results = {
         "text_accuracy": {name: {"overall": r["overall"], "by_category": r["by_category"]} for name, r in acc.items()},
@@ -360,6 +391,8 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
         "moe": {k: moe[k] for k in ("load_peak", "load_last", "hf_max_diff")}
         | {"eval_loss_after": moe["eval_after"]["eval_loss"]},
         "dpo_pairs": {"before": before, "after": after, "held_out_pairs": dpo["held_out_pairs"]},
+        "grpo": {k: grpo[k] for k in ("first_accuracy", "last_accuracy", "first_reward", "last_reward")},
+        "seed": seed,
         "chat_agrees_with_transformers": [agree, len(CHAT_QUESTIONS)],
         "vlm": {
             "accuracy": vlm["accuracy"],
@@ -373,7 +406,50 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     return results
 
 
-def _moe_stage(out: Path, paths: dict, tok_dir: Path, cfg: dict, dense: dict) -> dict:
+def _grpo(out: Path, paths: dict, cfg: dict, stage) -> dict:
+    """GRPO from the DPO model on the RL prompts; returns the stage's summary with the sampled accuracy and
+    reward over the first and the last tenth of its steps."""
+    from .engine.metrics import read_metrics
+
+    s = cfg["grpo_steps"]
+    summary = stage(
+        [
+            "grpo",
+            "--init",
+            str(out / "dpo"),
+            "--data",
+            str(paths["rl_train"]),
+            "--out",
+            str(out / "grpo"),
+            "--group-size",
+            str(cfg["grpo_group"]),
+            "--prompts-per-step",
+            str(cfg["grpo_prompts"]),
+            "--batch-size",
+            str(cfg["grpo_group"] * cfg["grpo_prompts"]),
+            "--max-new-tokens",
+            "320",
+            "--max-steps",
+            str(s),
+            "--eval-every",
+            "0",
+            "--save-every",
+            str(s),
+            "--lr",
+            str(cfg["grpo_lr"]),
+            "--variant",
+            cfg["grpo_variant"],
+        ]
+    )
+    steps = [r for r in read_metrics(out / "grpo" / "metrics.jsonl") if "reward" in r]
+    tenth = max(1, len(steps) // 10)
+    for key in ("accuracy", "reward"):
+        summary[f"first_{key}"] = sum(r[key] for r in steps[:tenth]) / tenth
+        summary[f"last_{key}"] = sum(r[key] for r in steps[-tenth:]) / tenth
+    return summary
+
+
+def _moe_stage(out: Path, paths: dict, tok_dir: Path, cfg: dict, dense: dict, stage) -> dict:
     """Pretrain the MoE model on the dense run's data and schedule; print both held-out losses, the
     expert load balance as the bias update works, the latent cache size, and transformers parity."""
     from models import export_hf, load_pretrained
@@ -381,7 +457,7 @@ def _moe_stage(out: Path, paths: dict, tok_dir: Path, cfg: dict, dense: dict) ->
     from .engine.metrics import read_metrics
 
     s = cfg["moe_steps"]
-    moe = _stage(
+    moe = stage(
         [
             "pretrain",
             "--model",
@@ -458,9 +534,9 @@ def _export_and_compare(out: Path, tok) -> tuple[int, Path]:
     from models import export_hf, load_pretrained
     from models.generate import generate
 
-    hf_dir = export_hf(out / "dpo", out / "hf")
+    hf_dir = export_hf(out / "grpo", out / "hf")
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
-    ours = load_pretrained(out / "dpo")
+    ours = load_pretrained(out / "grpo")
     stop = [tok.convert_tokens_to_ids(t) for t in STOP_TOKENS]
     pad = tok.convert_tokens_to_ids(PAD)
     agree = 0

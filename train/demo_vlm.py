@@ -1,7 +1,8 @@
 """The demo's VLM part: after the text models, a small VLM learns to answer questions about synthetic
 images through the same stages: alignment (vision tower and projector, language model frozen), SFT
 on image questions, DPO on image answer pairs. Held-out exact match by question kind after each stage,
-then a chat about an image and a logits check against transformers' LLaVA."""
+then GRPO on image questions (when the plan gives it steps), a chat about an image and a logits check
+against transformers' LLaVA."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _vlm_accuracy(run_dir: Path, tok, records) -> dict[str, float]:
     return {k.removeprefix("image "): c / n for k, (c, n) in res["by_category"].items()}
 
 
-def run_vlm_demo(out: Path, dense_dir: Path, tok, cfg: dict, stage, say) -> dict:
+def run_vlm_demo(out: Path, dense_dir: Path, tok, cfg: dict, stage, say, seed: int = 0) -> dict:
     """`stage(argv)` runs a CLI stage; `say(text)` prints a numbered step heading."""
     from models import export_hf, load_pretrained
 
@@ -37,13 +38,15 @@ def run_vlm_demo(out: Path, dense_dir: Path, tok, cfg: dict, stage, say) -> dict
     t0 = time.perf_counter()
     say(
         f"VLM: {cfg['vlm_images']} synthetic images, a ViT encoder + projector in front of the dense model; "
-        "alignment, SFT, DPO"
+        "alignment, SFT, DPO" + (", GRPO" if cfg["vlm_grpo_steps"] else "")
     )
     paths = generate_images(
-        out / "data", seed=0, train=cfg["vlm_images"], held_out=cfg["vlm_eval_images"], size=cfg["vlm_image_size"]
+        out / "data", seed=seed, train=cfg["vlm_images"], held_out=cfg["vlm_eval_images"], size=cfg["vlm_image_size"]
     )
     records = load_eval_records(paths["vlm_sft_eval"])
-    init_vlm(str(dense_dir), str(out / "vlm_init"), preset=cfg["vlm_preset"], image_size=cfg["vlm_image_size"])
+    init_vlm(
+        str(dense_dir), str(out / "vlm_init"), preset=cfg["vlm_preset"], seed=seed, image_size=cfg["vlm_image_size"]
+    )
     acc = {"init": _vlm_accuracy(out / "vlm_init", tok, records)}
     common = ["--seq-len", "128", "--batch-size", "32", "--no-progress", "--eval-batches", "4"]
     runs = [
@@ -128,12 +131,46 @@ def run_vlm_demo(out: Path, dense_dir: Path, tok, cfg: dict, stage, say) -> dict
         f"  DPO held-out pairs: reward accuracy {dpo['eval_after']['eval_accuracy']:.1%}, margin "
         f"{dpo['eval_after']['eval_margin']:.2f}"
     )
+    final = "vlm_dpo"
+    if cfg["vlm_grpo_steps"]:
+        steps = cfg["vlm_grpo_steps"]
+        stage(
+            [
+                "grpo",
+                "--init",
+                str(out / "vlm_dpo"),
+                "--data",
+                str(paths["vlm_sft_train"]),
+                "--out",
+                str(out / "vlm_grpo"),
+                "--group-size",
+                str(cfg["grpo_group"]),
+                "--prompts-per-step",
+                str(cfg["grpo_prompts"]),
+                "--batch-size",
+                str(cfg["grpo_group"] * cfg["grpo_prompts"]),
+                "--max-new-tokens",
+                "40",
+                "--max-steps",
+                str(steps),
+                "--eval-every",
+                "0",
+                "--save-every",
+                str(steps),
+                "--lr",
+                str(cfg["grpo_lr"]),
+                "--no-progress",
+            ]
+        )
+        final = "vlm_grpo"
+        acc["grpo"] = _vlm_accuracy(out / final, tok, records)
+        print("  grpo: " + ", ".join(f"{k} {acc['grpo'].get(k, 0):.0%}" for k in KINDS))
 
     from .chat import ChatSession, Display
 
     sample = next(r for r in records if r.category == "image color")
     image = sample.images[0]
-    session = ChatSession(out / "vlm_dpo", think=True, image=str(image), temperature=0.0, max_new_tokens=40)
+    session = ChatSession(out / final, think=True, image=str(image), temperature=0.0, max_new_tokens=40)
     question = sample.prompt[-1]["content"].replace(f"{IMAGE}\n", "")
     buf = io.StringIO()
     session.reply(question, Display(buf))
@@ -142,9 +179,9 @@ def run_vlm_demo(out: Path, dense_dir: Path, tok, cfg: dict, stage, say) -> dict
 
     from transformers import AutoModelForImageTextToText
 
-    hf_dir = export_hf(out / "vlm_dpo", out / "vlm_hf")
+    hf_dir = export_hf(out / final, out / "vlm_hf")
     hf = AutoModelForImageTextToText.from_pretrained(str(hf_dir), attn_implementation="eager").eval()
-    ours = load_pretrained(out / "vlm_dpo").eval()
+    ours = load_pretrained(out / final).eval()
     c = ours.config
     ids = torch.tensor([[1] + [c.image_token_id] * c.image_tokens + [2, 3]])
     pixels = torch.randn(1, 3, c.image_size, c.image_size, generator=torch.Generator().manual_seed(0))
@@ -157,12 +194,15 @@ def run_vlm_demo(out: Path, dense_dir: Path, tok, cfg: dict, stage, say) -> dict
         "seconds": time.perf_counter() - t0,
         "hf_max_diff": float(diff),
         "questions": len(records),
+        "final": final,
     }
 
 
 def print_vlm_table(res: dict) -> None:
     print(f"\nVLM held-out results ({res['questions']} questions about new images, greedy, thinking on)")
     print("  " + f"{'stage':8s}" + "".join(f"{k:>10s}" for k in KINDS))
-    for name, label in (("init", "start"), ("align", "align"), ("sft", "SFT"), ("dpo", "DPO")):
+    for name, label in (("init", "start"), ("align", "align"), ("sft", "SFT"), ("dpo", "DPO"), ("grpo", "GRPO")):
+        if name not in res["accuracy"]:
+            continue
         a = res["accuracy"][name]
         print("  " + f"{label:8s}" + "".join(f"{a.get(k, 0.0):10.1%}" for k in KINDS))

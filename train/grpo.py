@@ -380,8 +380,8 @@ class GRPOTrainer(Trainer):
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of the policy's next-token distribution (temperature 1), per row."""
-    logp = torch.log_softmax(logits.float(), -1)
-    return -(logp.exp() * logp).sum(-1).cpu()
+    p = torch.softmax(logits.float(), -1)
+    return -torch.special.xlogy(p, p).sum(-1).cpu()  # 0 log 0 = 0 (a banned token's -inf logit)
 
 
 def run(ns: argparse.Namespace) -> dict:
