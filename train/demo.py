@@ -146,7 +146,11 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
         owned.wrote(DEMO_ENTRIES)  # what the steps so far wrote is the demo's (a later demo may replace it)
         print(f"\n[{n}/{total}] {text}", flush=True)
 
-    _say(1, total, "synthesizing the embedded data (stories, arithmetic with reasoning, DPO pairs; held-out splits)")
+    _say(
+        1,
+        total,
+        "synthesizing the embedded data (stories, arithmetic with reasoning, DPO pairs, RL prompts; held-out splits)",
+    )
     paths = generate_data(out / "data", seed=seed, **cfg["sizes"])
     for name, p in paths.items():
         print(f"  {name:15s} {p}  ({sum(1 for _ in p.open())} records)")
@@ -410,41 +414,44 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
     return results
 
 
+def grpo_argv(init: Path, data: Path, out: Path, cfg: dict, steps: int, max_new_tokens: int) -> list[str]:
+    """The demo's GRPO stage (text and VLM alike): one micro-batch holds the whole rollout."""
+    group, prompts = cfg["grpo_group"], cfg["grpo_prompts"]
+    return [
+        "grpo",
+        "--init",
+        str(init),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--group-size",
+        str(group),
+        "--prompts-per-step",
+        str(prompts),
+        "--batch-size",
+        str(group * prompts),
+        "--max-new-tokens",
+        str(max_new_tokens),
+        "--max-steps",
+        str(steps),
+        "--eval-every",
+        "0",
+        "--save-every",
+        str(steps),
+        "--lr",
+        str(cfg["grpo_lr"]),
+        "--variant",
+        cfg["grpo_variant"],
+    ]
+
+
 def _grpo(out: Path, paths: dict, cfg: dict, stage) -> dict:
     """GRPO from the DPO model on the RL prompts; returns the stage's summary with the sampled accuracy and
     reward over the first and the last tenth of its steps."""
     from .engine.metrics import read_metrics
 
-    s = cfg["grpo_steps"]
-    summary = stage(
-        [
-            "grpo",
-            "--init",
-            str(out / "dpo"),
-            "--data",
-            str(paths["rl_train"]),
-            "--out",
-            str(out / "grpo"),
-            "--group-size",
-            str(cfg["grpo_group"]),
-            "--prompts-per-step",
-            str(cfg["grpo_prompts"]),
-            "--batch-size",
-            str(cfg["grpo_group"] * cfg["grpo_prompts"]),
-            "--max-new-tokens",
-            "320",
-            "--max-steps",
-            str(s),
-            "--eval-every",
-            "0",
-            "--save-every",
-            str(s),
-            "--lr",
-            str(cfg["grpo_lr"]),
-            "--variant",
-            cfg["grpo_variant"],
-        ]
-    )
+    summary = stage(grpo_argv(out / "dpo", paths["rl_train"], out / "grpo", cfg, cfg["grpo_steps"], 320))
     steps = [r for r in read_metrics(out / "grpo" / "metrics.jsonl") if "reward" in r]
     tenth = max(1, len(steps) // 10)
     for key in ("accuracy", "reward"):

@@ -133,35 +133,10 @@ def run_vlm_demo(out: Path, dense_dir: Path, tok, cfg: dict, stage, say, seed: i
     )
     final = "vlm_dpo"
     if cfg["vlm_grpo_steps"]:
-        steps = cfg["vlm_grpo_steps"]
-        stage(
-            [
-                "grpo",
-                "--init",
-                str(out / "vlm_dpo"),
-                "--data",
-                str(paths["vlm_sft_train"]),
-                "--out",
-                str(out / "vlm_grpo"),
-                "--group-size",
-                str(cfg["grpo_group"]),
-                "--prompts-per-step",
-                str(cfg["grpo_prompts"]),
-                "--batch-size",
-                str(cfg["grpo_group"] * cfg["grpo_prompts"]),
-                "--max-new-tokens",
-                "40",
-                "--max-steps",
-                str(steps),
-                "--eval-every",
-                "0",
-                "--save-every",
-                str(steps),
-                "--lr",
-                str(cfg["grpo_lr"]),
-                "--no-progress",
-            ]
-        )
+        from .demo import grpo_argv
+
+        argv = grpo_argv(out / "vlm_dpo", paths["vlm_sft_train"], out / "vlm_grpo", cfg, cfg["vlm_grpo_steps"], 40)
+        stage(argv + ["--no-progress"])
         final = "vlm_grpo"
         acc["grpo"] = _vlm_accuracy(out / final, tok, records)
         print("  grpo: " + ", ".join(f"{k} {acc['grpo'].get(k, 0):.0%}" for k in KINDS))

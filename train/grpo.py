@@ -358,6 +358,15 @@ class GRPOTrainer(Trainer):
         model.train(was)
         return out
 
+    def progress_postfix(self, rec: dict) -> dict[str, str]:
+        return dict(
+            reward=f"{rec['reward']:.3f}",
+            acc=f"{rec['accuracy']:.1%}",
+            len=f"{rec['response_length']:.0f}",
+            kl=f"{rec['kl']:.4f}",
+            samples_s=f"{self.ns.prompts_per_step * self.ns.group_size / rec['step_s']:.1f}",
+        )
+
     # ---------------------------------------------------------------- evaluation
 
     def evaluate(self) -> dict:

@@ -220,6 +220,13 @@ class Trainer:
         out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
         return out
 
+    def progress_postfix(self, rec: dict) -> dict[str, str]:
+        """What the progress bar shows beside the step count."""
+        postfix = dict(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        if "mfu" in rec:
+            postfix["mfu"] = f"{rec['mfu']:.1%}"
+        return postfix
+
     def describe_eval(self, ev: dict) -> str:
         """The progress line of a held-out evaluation."""
         return f"held-out loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})"
@@ -356,10 +363,7 @@ class Trainer:
                 log.write(rec)
             if not finite:
                 self._nonfinite_step(rec, bar)  # raises unless the step may be skipped (nothing was applied)
-            postfix = dict(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            if "mfu" in rec:
-                postfix["mfu"] = f"{rec['mfu']:.1%}"
-            bar.set_postfix(**postfix)
+            bar.set_postfix(**self.progress_postfix(rec))
             bar.update(1)
             if self.args.eval_every and (self.step % self.args.eval_every == 0 or self.step == end):
                 ev = self.evaluate()
