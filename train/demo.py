@@ -378,7 +378,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int | None = None, quick: 
 
     from .demo_vlm import print_vlm_table, run_vlm_demo
 
-    vlm = run_vlm_demo(out, out / "grpo", tok, cfg, stage, lambda text: _say(10, total, text), seed)
+    vlm = run_vlm_demo(out, out / "grpo", tok, cfg, stage, lambda text: _say(10, total, text), grpo_argv, seed)
     print_vlm_table(vlm)
     elapsed = time.perf_counter() - t_all
     print(

@@ -28,8 +28,9 @@ def _vlm_accuracy(run_dir: Path, tok, records) -> dict[str, float]:
     return {k.removeprefix("image "): c / n for k, (c, n) in res["by_category"].items()}
 
 
-def run_vlm_demo(out: Path, dense_dir: Path, tok, cfg: dict, stage, say, seed: int = 0) -> dict:
-    """`stage(argv)` runs a CLI stage; `say(text)` prints a numbered step heading."""
+def run_vlm_demo(out: Path, dense_dir: Path, tok, cfg: dict, stage, say, grpo_argv, seed: int = 0) -> dict:
+    """`stage(argv)` runs a CLI stage; `say(text)` prints a numbered step heading; `grpo_argv(init, data, out,
+    cfg, steps, max_new_tokens)` is the demo's GRPO command line."""
     from models import export_hf, load_pretrained
 
     from .evaluate import load_eval_records
@@ -133,8 +134,6 @@ def run_vlm_demo(out: Path, dense_dir: Path, tok, cfg: dict, stage, say, seed: i
     )
     final = "vlm_dpo"
     if cfg["vlm_grpo_steps"]:
-        from .demo import grpo_argv
-
         argv = grpo_argv(out / "vlm_dpo", paths["vlm_sft_train"], out / "vlm_grpo", cfg, cfg["vlm_grpo_steps"], 40)
         stage(argv + ["--no-progress"])
         final = "vlm_grpo"
