@@ -408,3 +408,13 @@ def test_the_policy_learns_what_the_reward_asks(sft_model_dir, synthetic_dir, tm
     rewards = [r["reward"] for r in _records(tmp_path / "l") if "reward" in r]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > 1.5 * first + 0.02, rewards
+
+
+def test_generation_batches_do_not_change_the_rollout(sft_model_dir, synthetic_dir, tmp_path, rewards_module):
+    """Sampling the rollout in generate calls of 5 rows gives the run of one call for all 16."""
+    runs = []
+    for name, rows in (("all", "0"), ("fives", "5")):
+        args = _args(sft_model_dir, synthetic_dir, tmp_path / name) + ["--generation-batch-size", rows]
+        grpo_main(args + ["--max-steps", "2", "--save-every", "2", "--eval-every", "0"])
+        runs.append([(r["reward"], r["response_length"], r["loss"]) for r in _records(tmp_path / name) if "loss" in r])
+    assert runs[0] == runs[1] and len(runs[0]) == 2

@@ -13,7 +13,7 @@ llm-scratch eval --checkpoint DIR --data EVAL.jsonl
 llm-scratch export --checkpoint DIR --out HF_DIR
 llm-scratch sample --checkpoint DIR --prompt TEXT
 llm-scratch demo [--out DIR]                the whole pipeline on CPU
-llm-scratch verify                          every stage for a few steps: losses finite and falling
+llm-scratch verify                          every stage for a few steps: losses fall, GRPO rewards rise
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """`llm-scratch verify`: every model through every stage for a few steps on freshly generated tiny
 data, checking that each stage's loss is finite and falls. It runs in CI.
 
-Models: dense and MoE (pretrain, SFT, DPO), and the VLM built on the dense model (alignment with the
+Models: dense and MoE (pretrain, SFT, DPO, GRPO), and the VLM built on the dense model (alignment with the
 language model frozen, SFT on image questions, DPO on image answer pairs).
-"Falls": the mean of the last three logged training losses is below the first one.
+"Falls": the mean of the last three logged training losses is below the first one. GRPO's loss is no
+measure of learning; its check is that the sampled reward rises (the mean of the last three steps above
+that of the first three) under a reward every model's samples differ in: the share of letters "e".
 """
 
 from __future__ import annotations
@@ -19,8 +21,23 @@ from .errors import UserError
 from .stages import run_stage
 
 MODELS = ("dense", "moe")
-RESULTS_FILE = "verify.json"  # one row per stage run: model, stage, first and last loss
+RESULTS_FILE = "verify.json"  # one row per stage run: model, stage, measure (loss or reward), first, last
 STEPS = 15
+
+
+def letter_reward(completion: str, answer: str, finished: bool) -> float:
+    """verify's GRPO reward (train/rewards.py's signature): the share of the letter "e" in the completion."""
+    return completion.count("e") / max(len(completion), 1)
+
+
+def _check_reward(model: str, run_dir: Path) -> tuple[float, float]:
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "reward" in r]
+    if len(rows) < 6 or not all(math.isfinite(r["loss"]) and math.isfinite(r["reward"]) for r in rows):
+        raise UserError(f"verify: {model} grpo: losses or rewards are not all finite")
+    first, last = (sum(r["reward"] for r in part) / 3 for part in (rows[:3], rows[-3:]))
+    if not last > first:
+        raise UserError(f"verify: {model} grpo: the reward did not rise ({first:.4f} -> {last:.4f})")
+    return first, last
 
 
 def _check(stage: str, model: str, run_dir: Path) -> tuple[float, float]:
@@ -119,9 +136,39 @@ def run_verify(out: str | None = None) -> list[tuple[str, str, float, float]]:
             first, last = _check(stage, model, base / stage)
             results.append((model, stage, first, last))
             print(f"verify: {model:6s} {stage:8s} loss {first:.4f} -> {last:.4f}  ok", flush=True)
+        grpo = [
+            "--init",
+            str(base / "dpo"),
+            "--data",
+            str(data["rl_train"]),
+            "--out",
+            str(base / "grpo"),
+            "--group-size",
+            "4",
+            "--prompts-per-step",
+            "8",
+            "--batch-size",
+            "32",
+            "--max-new-tokens",
+            "24",
+            "--lr",
+            "3e-3",
+            "--reward",
+            "train.verify:letter_reward",
+        ]
+        run_stage("grpo", grpo + common)
+        first, last = _check_reward(model, base / "grpo")
+        results.append((model, "grpo", first, last))
+        print(f"verify: {model:6s} grpo     reward {first:.4f} -> {last:.4f}  ok", flush=True)
     results += _verify_vlm(root, data, common)
-    print(f"verify: all {len(results)} stage runs finite and falling in {time.perf_counter() - t0:.0f} s ({root})")
-    rows = [{"model": m, "stage": s, "first_loss": a, "last_loss": b} for m, s, a, b in results]
+    print(
+        f"verify: all {len(results)} stage runs finite, losses falling and rewards rising, in "
+        f"{time.perf_counter() - t0:.0f} s ({root})"
+    )
+    rows = [
+        {"model": m, "stage": s, "measure": "reward" if s == "grpo" else "loss", "first": a, "last": b}
+        for m, s, a, b in results
+    ]
     (root / RESULTS_FILE).write_text(json.dumps(rows, indent=2) + "\n")
     return results
 
