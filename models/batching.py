@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generate import check_sampling, pick_next
+from .generate import check_sampling, pick_next, without_image_token
 
 
 @dataclass(eq=False)
@@ -122,6 +122,7 @@ class BatchDecoder:
     def _pick(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
         """The next token of each request from its row of logits [n, V]: greedy rows in one argmax,
         sampled ones each with its own settings and generator."""
+        logits = without_image_token(self.model, logits)
         tokens = logits.float().argmax(-1).tolist()
         for i, r in enumerate(requests):
             if r.temperature > 0 or r.repetition_penalty != 1.0:

@@ -62,6 +62,15 @@ def pick_next(
     return logits.argmax(-1)
 
 
+def without_image_token(model, logits: torch.Tensor) -> torch.Tensor:
+    """A VLM's logits [..., V] with its image placeholder made impossible: a generated <|image|> has no
+    image to fill it (the next forward would refuse it). Other models' logits are returned as they are."""
+    image_id = getattr(model.config, "image_token_id", None)
+    if image_id is None:
+        return logits
+    return logits.index_fill(-1, torch.tensor([image_id], device=logits.device), float("-inf"))
+
+
 def check_sampling(
     max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float
 ) -> None:
@@ -140,11 +149,8 @@ def generate(
     context = ids  # prompt (padding included: pad_id is never a real token) and tokens so far
     if uniforms is not None and (uniforms.dim() != 2 or uniforms.shape[0] != b or uniforms.shape[1] < max_len - t):
         raise ValueError(f"uniforms must be [{b}, >= {max_len - t}], got {list(uniforms.shape)}")
-    image_id = getattr(model.config, "image_token_id", None)  # a VLM: a placeholder is never generated (no image)
     for k in range(max_len - t):
-        last = logits[:, -1, :]
-        if image_id is not None:
-            last = last.index_fill(-1, torch.tensor([image_id], device=device), float("-inf"))
+        last = without_image_token(model, logits[:, -1, :])
         if on_logits is not None:
             on_logits(last)
         u = uniforms[:, k] if uniforms is not None else None

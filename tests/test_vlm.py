@@ -194,3 +194,26 @@ def test_chat_answers_about_an_image(tmp_path, tokenizer_dir, tokenizer):
         timeout=120,
     )
     assert r.returncode == 2 and "missing.png: image file not found" in r.stderr
+
+
+def test_generation_never_writes_an_image_placeholder():
+    """A VLM that would rather write <|image|> than anything else: generation (one call, or the server's
+    batch decoder) picks its next best token instead; a placeholder it wrote would have no image to fill
+    it, and the next forward would refuse it (RL sampling from the VLM once did exactly that)."""
+    from models.batching import BatchDecoder, Request
+    from models.generate import generate
+
+    model = _vlm()
+    image_id = model.config.image_token_id
+    model.language_model.lm_head.register_forward_hook(
+        lambda module, args, out: out.index_add(-1, torch.tensor([image_id]), torch.full((*out.shape[:-1], 1), 50.0))
+    )
+    prompt, pixels = _ids(model, 1)[0].tolist(), torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert model(torch.tensor([prompt]), pixel_values=pixels).logits[0, -1].argmax() == image_id
+    for temperature in (0.0, 1.0):
+        out = generate(model, [prompt], 6, temperature=temperature, pixel_values=pixels)[0]
+        assert len(out) == 6 and image_id not in out
+    request = Request(prompt, 6, pixel_values=pixels)
+    BatchDecoder(model, slots=2).run([request])
+    assert len(request.tokens) == 6 and image_id not in request.tokens
