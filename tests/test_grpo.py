@@ -5,6 +5,7 @@ runs: metrics, exact resume, a VLM, bad rewards."""
 import json
 import math
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from train.grpo import completion_rows
 from train.grpo import main as grpo_main
 from train.losses import grpo_advantages, grpo_loss, grpo_weight
 from train.rewards import exact_answer, load_reward, parse_answer, score, well_formed
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- advantages and losses by hand
 
@@ -364,6 +367,8 @@ def test_options_that_break_rollouts_are_refused(sft_model_dir, synthetic_dir, t
     cli_error(base + ["--temperature", "0"], "--temperature must be positive")
     cli_error(base + ["--grad-accum", "2"], "--grad-accum follows from the rollout")
     cli_error(base + ["--reward", "nope"], "unknown reward")
+    cli_error(base + ["--deepspeed", str(ROOT / "ds_configs" / "zero3.json")], "use ZeRO-1 or ZeRO-2")
+    cli_error(base + ["--expert-parallel-size", "2"], "--expert-parallel-size is not supported")
 
 
 def test_a_nan_reward_stops_the_run_with_one_line(sft_model_dir, synthetic_dir, tmp_path, monkeypatch, cli_error):
