@@ -73,10 +73,11 @@ PLAN = {
     "vlm_align_steps": (100, 4),
     "vlm_sft_steps": (2500, 4),  # shape accuracy after SFT: 91% at 1500 steps, 95% at 2500 (annealed to 0)
     "vlm_dpo_steps": (30, 4),
-    # GRPO after DPO: 8 prompts x 8 samples per step (about 4 s a step on 2 cores). Measured on an SFT model
-    # with 32.5% held-out exact match (2026-12-04): 30 steps at lr 1e-4 gave 30.2%, and DAPO at temperature
-    # 1.5 and lr 3e-4 fell to 11.8%: the SFT model's errors are confident (0.04 nats per token), so few
-    # groups disagree; a gentle rate.
+    # GRPO after DPO: 8 prompts x 8 samples per step (about 4.3 s a step on 2 cores). Measured on an SFT
+    # model with 32.5% held-out exact match (2026-12-04): 30 steps at lr 1e-4 gave 30.2%, and DAPO at
+    # temperature 1.5 and lr 3e-4 fell to 11.8%: the SFT model's errors are confident (0.04 nats per token),
+    # so few groups disagree; a gentle rate. At 5e-5 the demo's run moved greedy accuracy by a point either
+    # way per task, and the VLM's 20 steps cost 2 points of shape accuracy (docs/results.md).
     "grpo_steps": (30, 2),
     "grpo_group": (8, 2),
     "grpo_prompts": (8, 2),
