@@ -68,7 +68,9 @@ def without_image_token(model, logits: torch.Tensor) -> torch.Tensor:
     image_id = getattr(model.config, "image_token_id", None)
     if image_id is None:
         return logits
-    return logits.index_fill(-1, torch.tensor([image_id], device=logits.device), float("-inf"))
+    out = logits.clone()
+    out[..., image_id] = float("-inf")
+    return out
 
 
 def check_sampling(

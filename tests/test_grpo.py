@@ -400,14 +400,10 @@ def test_vlm_takes_the_same_stage_with_images(sft_model_dir, tmp_path, rewards_m
     assert any(n.startswith("vision_tower.") for n in moved)  # the images reached the loss's gradient
 
 
-def test_the_policy_learns_what_the_reward_asks(sft_model_dir, synthetic_dir, tmp_path, monkeypatch):
-    """A reward for writing the letter 'e' (the micro model's samples vary a lot, so groups carry signal):
-    the sampled reward climbs well above where it started (a sign error or a wrong mask would not)."""
-    (tmp_path / "letter_reward.py").write_text(
-        "def e(completion, answer, finished):\n    return completion.count('e') / max(len(completion), 1)\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    args = _args(sft_model_dir, synthetic_dir, tmp_path / "l")[:-4] + ["--reward", "letter_reward:e"]
+def test_the_policy_learns_what_the_reward_asks(sft_model_dir, synthetic_dir, tmp_path):
+    """A reward for writing the letter 'e' (verify's; the micro model's samples vary a lot, so groups carry
+    signal): the sampled reward climbs well above where it started (a sign error or a wrong mask would not)."""
+    args = _args(sft_model_dir, synthetic_dir, tmp_path / "l")[:-4] + ["--reward", "train.verify:letter_reward"]
     args += ["--max-steps", "16", "--save-every", "16", "--eval-every", "0", "--lr", "3e-3", "--prompts-per-step", "8"]
     grpo_main(args)
     rewards = [r["reward"] for r in _records(tmp_path / "l") if "reward" in r]

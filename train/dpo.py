@@ -31,7 +31,7 @@ from .data.formats import load_dpo
 from .engine.trainer import Trainer
 from .errors import UserError, run_guarded
 from .finetune import add_finetune_data_args, finetune_examples, freeze_except
-from .losses import LOSS_TYPES, chosen_nll, dpo_loss, sequence_logps
+from .losses import LOSS_TYPES, chosen_nll, dpo_loss, sequence_logps, token_logps
 from .run_dir import RunDir, check_context
 
 REF_FILE = "reference_logps.pt"
@@ -62,9 +62,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 
 def pair_logps(module, batch: dict, average: bool) -> torch.Tensor:
     """[pairs, 2] log-probs of (chosen, rejected) completions."""
-    extra = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}
-    out = module(batch["input_ids"], targets=batch["targets"], token_logps=True, **extra)
-    logps = sequence_logps(out.logps, batch["targets"], average)
+    logps = sequence_logps(token_logps(module, batch), batch["targets"], average)
     half = logps.shape[0] // 2
     return torch.stack([logps[:half], logps[half:]], dim=1)
 

@@ -45,13 +45,13 @@ from .data.batches import fingerprint
 from .data.chat_masks import encode_prompt
 from .data.finetune import pad_collate
 from .data.images import image_inputs
-from .engine.distributed import all_reduce_sum
+from .engine.distributed import all_reduce_sum, dist_info
 from .engine.ds_config import load_ds_config, zero_stage
 from .engine.trainer import Trainer
 from .errors import UserError, run_guarded
 from .evaluate import exact_match, load_eval_records
 from .finetune import add_start_args, add_vlm_data_args, freeze_except, held_out_count
-from .losses import GRPO_VARIANTS, grpo_advantages, grpo_loss, grpo_weight
+from .losses import GRPO_VARIANTS, grpo_advantages, grpo_loss, grpo_weight, token_logps
 from .rewards import DEFAULT_REWARDS, exact_answer, load_reward, score
 from .run_dir import RunDir
 
@@ -138,9 +138,6 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> int:
-        return i
-
     def fingerprint(self) -> str:
         return fingerprint([np.asarray(x, dtype=np.int64) for x in self.ids], [r.answer for r in self.records])
 
@@ -161,10 +158,8 @@ class GRPOObjective:
         return grpo_weight(self.variant, self.mask(batch))
 
     def __call__(self, module, batch: dict):
-        extra = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}
-        logps = module(batch["input_ids"], targets=batch["targets"], token_logps=True, **extra).logps
         return grpo_loss(
-            logps,
+            token_logps(module, batch),
             batch["advantages"],
             self.mask(batch),
             self.variant,
@@ -216,16 +211,15 @@ class GRPOTrainer(Trainer):
             **kw,
         )
         self.reference = self.engine.frozen(reference)
-        self.image_tokens, self.loader = image_inputs(model)
-        self.batches: list[dict] = []
+        _, self.loader = image_inputs(model)
+        self.batches: list[dict] = []  # the current rollout's micro-batches (none yet after a start or resume)
         self.rollout_stats: dict = {}
-        self.rollout_step = -1
 
     # ---------------------------------------------------------------- rollouts
 
     def train_step(self) -> dict:
         mu = self.ns.inner_steps
-        if self.step % mu == 0 or self.rollout_step < 0:
+        if self.step % mu == 0 or not self.batches:
             if self.step % mu:
                 raise UserError(f"cannot continue at step {self.step}, inside a rollout of {mu} inner steps")
             t0 = time.perf_counter()
@@ -319,7 +313,6 @@ class GRPOTrainer(Trainer):
             "groups_kept": total["groups_kept"] / groups,
             **{k: total[k] / n for k in parts},
         }
-        self.rollout_step = self.step
 
     def _pixels(self, prompt_indices: list[int]) -> torch.Tensor | None:
         if self.loader is None:
@@ -340,21 +333,20 @@ class GRPOTrainer(Trainer):
             if pixels is not None:
                 batch["pixel_values"] = pixels
             batch = self._to_device(batch)
-            extra = {"pixel_values": batch["pixel_values"]} if pixels is not None else {}
             with kernels.use_backend(self.args.kernels), self._autocast():
                 if self.ns.inner_steps > 1:
-                    batch["old_logps"] = self._logps(self.model, batch, extra)
-                batch["ref_logps"] = self._logps(self.reference, batch, extra)
+                    batch["old_logps"] = self._logps(self.model, batch)
+                batch["ref_logps"] = self._logps(self.reference, batch)
             batches.append(batch)
         if len(batches) != self.args.grad_accum:
             raise RuntimeError(f"{len(batches)} micro-batches, expected {self.args.grad_accum}")
         return batches
 
     @staticmethod
-    def _logps(model, batch: dict, extra: dict) -> torch.Tensor:
+    def _logps(model, batch: dict) -> torch.Tensor:
         was = model.training
         model.eval()
-        out = model(batch["input_ids"], targets=batch["targets"], token_logps=True, **extra).logps.float()
+        out = token_logps(model, batch).float()
         model.train(was)
         return out
 
@@ -401,8 +393,6 @@ def run(ns: argparse.Namespace) -> dict:
 
 
 def _train(ns: argparse.Namespace, targs, optim, run_dir: RunDir) -> dict:
-    from .engine.distributed import dist_info
-
     world = dist_info()[2]
     if ns.prompts_per_step % world:
         raise UserError(f"--prompts-per-step {ns.prompts_per_step} must be a multiple of the ranks ({world})")

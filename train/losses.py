@@ -53,6 +53,13 @@ def aux_stats(out) -> dict[str, float]:
     return {k: float(v) for k, v in (out.aux or {}).items()}
 
 
+def token_logps(module, batch: dict) -> torch.Tensor:
+    """log p(target) [B, T] of a batch's rows from the model's fused head (no logits materialised); a
+    VLM's images are passed along. DPO's policy and reference and GRPO's three log-probs all come from here."""
+    extra = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}
+    return module(batch["input_ids"], targets=batch["targets"], token_logps=True, **extra).logps
+
+
 def sequence_logps(token_logps: torch.Tensor, targets: torch.Tensor, average: bool = False) -> torch.Tensor:
     """Sum (or mean) over each row of log p(target) [B, T] at the positions whose target is not ignored."""
     mask = targets != IGNORE_INDEX

@@ -98,18 +98,18 @@ def score(
     or gives a value that is not a finite number is a UserError naming the reward, the record (`where`)
     and the completion."""
     total, each = 0.0, {}
+    shown = lambda: repr(completion if len(completion) <= 200 else completion[:200] + "...")  # noqa: E731
     for r in rewards:
-        shown = completion if len(completion) <= 200 else completion[:200] + "..."
         try:
             value = r.fn(completion, answer, finished)
         except Exception as e:  # noqa: BLE001 - a user's reward function may raise anything
-            raise UserError(f"reward {r.name} raised {type(e).__name__}: {e} ({where}; completion {shown!r})") from e
+            raise UserError(f"reward {r.name} raised {type(e).__name__}: {e} ({where}; completion {shown()})") from e
         try:
             value = float(value)
         except (TypeError, ValueError):
-            raise UserError(f"reward {r.name} returned {value!r}, not a number ({where}; {shown!r})") from None
+            raise UserError(f"reward {r.name} returned {value!r}, not a number ({where}; {shown()})") from None
         if not math.isfinite(value):
-            raise UserError(f"reward {r.name} returned {value} ({where}; completion {shown!r})")
+            raise UserError(f"reward {r.name} returned {value} ({where}; completion {shown()})")
         total += r.weight * value
         each[r.name] = value
     return total, each
