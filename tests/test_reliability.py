@@ -447,6 +447,7 @@ def test_dpo_pairs_must_differ(tmp_path):
         (["--min-lr-ratio", "5"], "--min-lr-ratio is a fraction of --lr"),
         (["--max-steps", "0"], "--max-steps must be at least 1"),
         (["--warmup-steps", "-2"], "--warmup-steps must not be negative"),
+        (["--decay-steps", "-5"], "--decay-steps must not be negative"),
     ],
 )
 def test_bad_training_options_are_one_error(extra, needle, tmp_path, synthetic_dir, tokenizer_dir, cli_error):

@@ -152,6 +152,21 @@ def test_lr_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(f[4:], f[5:]))
 
 
+def test_lr_schedule_warmup_stable_decay():
+    """--decay-steps: the full rate from the end of warmup until the last N steps, then the same cosine over
+    those N; a decay longer than the run after warmup is the plain warmup + cosine."""
+    from train.engine.optim import OptimConfig, lr_factor
+
+    cfg = OptimConfig(warmup_steps=2, max_steps=12, min_lr_ratio=0.0, decay_steps=4)
+    f = [lr_factor(s, cfg) for s in range(14)]
+    assert f[:2] == [0.5, 1.0] and f[2:9] == [1.0] * 7
+    assert f[10] == pytest.approx(0.5) and f[12] == 0.0 and f[13] == 0.0
+    assert all(a > b for a, b in zip(f[8:13], f[9:13]))
+    long = OptimConfig(warmup_steps=4, max_steps=14, min_lr_ratio=0.1, decay_steps=100)
+    plain = OptimConfig(warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
+    assert [lr_factor(s, long) for s in range(16)] == [lr_factor(s, plain) for s in range(16)]
+
+
 def test_no_weight_decay_on_norms_biases_embeddings():
     from models import DenseLM
     from train.engine.optim import param_groups

@@ -32,6 +32,13 @@ def add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_s
     g.add_argument("--lr", type=float, default=lr)
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
     g.add_argument("--warmup-steps", type=int, default=20)
+    g.add_argument(
+        "--decay-steps",
+        type=int,
+        default=0,
+        help="warmup-stable-decay: hold --lr after warmup and anneal over only the last N steps (0: cosine "
+        "over the whole run)",
+    )
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
     g.add_argument("--eval-every", type=int, default=50, help="held-out evaluation interval (0: off)")
@@ -113,6 +120,7 @@ def train_args_from(ns: argparse.Namespace) -> tuple[TrainArgs, OptimConfig]:
         lr=ns.lr,
         min_lr_ratio=ns.min_lr_ratio,
         warmup_steps=ns.warmup_steps,
+        decay_steps=ns.decay_steps,
         max_steps=ns.max_steps,
         weight_decay=ns.weight_decay,
         grad_clip=ns.grad_clip,
@@ -133,7 +141,14 @@ def check_train_options(ns: argparse.Namespace) -> None:
     for name in at_least_one:
         if getattr(ns, name) < 1:
             raise UserError(f"{_option(name)} must be at least 1, got {getattr(ns, name)}")
-    for name in ("warmup_steps", "eval_every", "keep_checkpoints", "max_nonfinite_steps", "activation_checkpointing"):
+    for name in (
+        "warmup_steps",
+        "decay_steps",
+        "eval_every",
+        "keep_checkpoints",
+        "max_nonfinite_steps",
+        "activation_checkpointing",
+    ):
         if getattr(ns, name) < 0:
             raise UserError(f"{_option(name)} must not be negative, got {getattr(ns, name)}")
     if ns.stop_after is not None and ns.stop_after < 1:

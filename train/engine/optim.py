@@ -1,5 +1,6 @@
 """What both engines share: the optimizer settings, the parameter groups (no weight decay on norms,
-biases and embeddings), and the learning-rate schedule (linear warmup, then cosine)."""
+biases and embeddings), and the learning-rate schedule (linear warmup, then cosine; or warmup, a constant
+rate, and a cosine over the last `decay_steps` only: warmup-stable-decay)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ class OptimConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 20
+    decay_steps: int = 0  # > 0: hold lr after warmup, cosine over the last decay_steps (WSD); 0: cosine throughout
     max_steps: int = 100
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -24,11 +26,13 @@ class OptimConfig:
 
 
 def lr_factor(step: int, cfg: OptimConfig) -> float:
-    """Linear warmup to 1, then cosine down to min_lr_ratio at max_steps (constant after)."""
+    """Linear warmup to 1, then cosine down to min_lr_ratio at max_steps (constant after). With decay_steps,
+    the rate stays at 1 until max_steps - decay_steps and the cosine spans only those last steps."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    start = max(cfg.warmup_steps, cfg.max_steps - cfg.decay_steps) if cfg.decay_steps else cfg.warmup_steps
+    span = max(1, cfg.max_steps - start)
+    progress = min(1.0, max(0.0, (step - start) / span))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
