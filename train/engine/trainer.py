@@ -114,6 +114,13 @@ class Trainer:
         self.model = model.to(self.device)
         self.model.set_activation_checkpointing(args.activation_checkpointing)
         if args.compile:
+            if self.world_size > 1:
+                # Inductor's pool of compile worker processes can hang a distributed process at exit (seen
+                # here: a 2-rank DDP run stalled after its last step; pytorch/pytorch#125235). Compiling in
+                # the process itself avoids the pool; it costs only the first steps' compile time.
+                import torch._inductor.config as inductor_config
+
+                inductor_config.compile_threads = 1
             self.model.compile_layers()
         # MFU needs the device's peak: known GPUs only (models/flops.py), never a CPU
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
