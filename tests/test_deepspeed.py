@@ -419,10 +419,13 @@ def test_grpo_on_two_ranks_matches_one_process(launcher, sft_model_dir, syntheti
 
     grpo_main(args(tmp_path / "one") + ["--batch-size", "8"])
     _launch(launcher, args(tmp_path / "two"), "zero2.json" if launcher == "deepspeed" else None, module="train.grpo")
-    keys = ("loss", "reward", "kl", "response_length", "clip_fraction")
+    keys = ("loss", "grad_norm", "reward", "kl", "response_length", "clip_fraction")
     got, want = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("two", "one"))
     assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4]
+    # Step 1's loss is zero but for rounding (ratio 1, no KL yet, each group's advantages sum to zero), and
+    # the two runs sum it in a different order: an absolute slack of float32 rounding on O(1) terms.
     for a, b in zip(got, want):
         for k in keys:
-            assert a[k] == pytest.approx(b[k], rel=RTOL, abs=1e-9), (a["step"], k, a[k], b[k])
-    assert all(r["loss"] != 0 and r["grad_norm"] > 0 for r in want) and want[1]["kl"] > 0
+            assert a[k] == pytest.approx(b[k], rel=RTOL, abs=1e-7), (a["step"], k, a[k], b[k])
+    assert abs(want[0]["loss"]) < 1e-6 and any(abs(r["loss"]) > 1e-4 for r in want[1:])
+    assert all(r["grad_norm"] > 0 for r in want) and want[1]["kl"] > 0
