@@ -46,30 +46,34 @@ def test_column_arithmetic_is_right_and_the_wrong_variant_is_wrong(seed):
         op = rng.choice("+-")
         q, reasoning, answer, value = synthetic.arithmetic_problem(a, b, op)
         assert value == (a + b if op == "+" else a - b)
-        assert answer == f"{a} {op} {b} = {value}" and f"So the result is {value}." in reasoning
-        _, bad_answer = synthetic._wrong_variant(a, b, op, rng)
-        assert bad_answer != answer
+        assert answer == f"{a} {op} {b} = {value}" and reasoning.endswith(f": {value}")
+        bad_reasoning, bad_answer = synthetic._wrong_variant(a, b, op, rng)
+        assert bad_answer != answer and bad_reasoning.endswith(": " + bad_answer.split(" = ")[1])
 
 
 def test_reasoning_shows_carries_and_borrows():
     _, r, _, _ = synthetic.arithmetic_problem(347, 586, "+")
-    assert "ones: 7 + 6 = 13, write 3, carry 1" in r and "tens: 4 + 8 = 12, 12 + 1 = 13, write 3, carry 1" in r
+    assert r == (
+        "347: hundreds 3, tens 4, ones 7.\n"
+        "586: hundreds 5, tens 8, ones 6.\n"
+        "ones: 7+6=13, write 3, carry 1\n"
+        "tens: 4+8=12, 12+1=13, write 3, carry 1\n"
+        "hundreds: 3+5=8, 8+1=9, write 9\n"
+        "hundreds 9, tens 3, ones 3: 933"
+    )
     _, r, _, v = synthetic.arithmetic_problem(1203, 587, "-")
-    assert v == 616 and "ones: 3 and 7: 3 < 7, borrow: 13 - 7 = 6" in r
-    assert "tens: 0 and 8: 0 - 1 = -1, -1 < 8, borrow: 9 - 8 = 1" in r
+    assert v == 616 and "ones: 3,7: 3<7, borrow: 13-7=6" in r
+    assert "tens: 0,8: 0-1=-1, -1<8, borrow: 9-8=1" in r
     assert r.startswith(
-        "Digits of 1203: thousands 1, hundreds 2, tens 0, ones 3.\n"
-        "Digits of 587: thousands 0, hundreds 5, tens 8, ones 7.\n"
-        "Compare 1203 and 587: thousands 1 > 0, so 1203 is larger.\n"
+        "1203: thousands 1, hundreds 2, tens 0, ones 3.\n"
+        "587: thousands 0, hundreds 5, tens 8, ones 7.\n"
+        "Compare: thousands 1>0, so 1203 is larger: 1203-587.\n"
     )
     _, r, _, v = synthetic.arithmetic_problem(481, 487, "-")
-    assert r.endswith("From the highest place: hundreds 0, tens 0, ones 6.\nSo the result is -6.")
-    assert (
-        v == -6
-        and "Compare 481 and 487: hundreds 4 = 4, tens 8 = 8, ones 1 < 7, so 487 is larger.\n"
-        "481 is smaller, so the result is negative."
-        in r
-    )
+    assert v == -6 and r.endswith("hundreds 0, tens 0, ones 6: -6")
+    assert "Compare: hundreds 4=4, tens 8=8, ones 1<7, so 487 is larger: -(487-481).\n" in r
+    _, r, _, v = synthetic.arithmetic_problem(95, 7, "+")
+    assert v == 102 and r.endswith("hundreds: write the carry 1\nhundreds 1, tens 0, ones 2: 102")
 
 
 @pytest.mark.parametrize("a,b", [(5, 5), (0, 7), (120, 102), (999, 1000), (4567, 4576)])

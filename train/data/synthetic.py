@@ -1,10 +1,12 @@
 """The embedded default data: a seeded, deterministic generator (nothing is downloaded).
 
 Produces, each with a held-out evaluation split that is disjoint from training:
-- pretraining text: short English stories and arithmetic facts (`{"text"}` records);
+- pretraining text: short English stories, arithmetic facts, and numbers with their digits named by
+  place ("3896: thousands 3, hundreds 8, tens 9, ones 6.") or read back (`{"text"}` records);
 - SFT conversations (`{"messages"}`): addition and subtraction worked column by column inside
-  <think>...</think> before the answer, plus a few non-arithmetic tasks (reversing a word, comparing
-  numbers, counting letters); about one sample in five answers with thinking switched off;
+  <think>...</think> before the answer, in a compact notation (one step per line, "7+6=13"), plus a
+  few non-arithmetic tasks (reversing a word, comparing numbers, counting letters); about one sample
+  in five answers with thinking switched off;
 - DPO pairs (`{"prompt", "chosen", "rejected"}`): the correct reasoning and answer against a
   plausible wrong one (a dropped carry or borrow, an off-by-ten slip);
 - RL prompts (`{"messages", "answer"}`): questions with their exact answers, operands of 1 to 4 digits
@@ -94,9 +96,23 @@ def _fact(rng: random.Random) -> str:
     return rng.choice([f"{x} - {y} = {x - y}.", f"If you take {y} from {x}, you get {x - y}."])
 
 
+def _digit_fact(rng: random.Random) -> str:
+    """A number with its digits named by place, or digits read back into their number: the two copying
+    steps of the column reasoning, so pretraining forms the heads that copy a digit from an earlier line
+    (before it, SFT spent its first ~400 steps on a loss plateau learning just that)."""
+    n = rng.randint(0, 10 ** rng.randint(1, 4) - 1)
+    width = max(len(str(n)), rng.randint(1, 4))
+    if rng.random() < 0.5:
+        return name_digits(n, width)
+    return read_digits(_digits(n, width)) + "."
+
+
 def pretrain_text(rng: random.Random) -> str:
-    parts = [_story(rng) if rng.random() < 0.75 else _fact(rng) for _ in range(rng.randint(1, 3))]
-    return " ".join(parts)
+    def part() -> str:
+        x = rng.random()
+        return _story(rng) if x < 0.6 else _fact(rng) if x < 0.75 else _digit_fact(rng)
+
+    return " ".join(part() for _ in range(rng.randint(1, 3)))
 
 
 # ---------------------------------------------------------------- column arithmetic with reasoning
@@ -108,17 +124,17 @@ def _digits(n: int, width: int) -> list[int]:
     return [int(c) for c in str(n).zfill(width)][::-1]  # least significant first
 
 
-def addition_steps(a: int, b: int, forget_carry: bool = False) -> tuple[list[str], int]:
-    """Column addition, one fact per clause (a carry is added as its own step); with forget_carry the
-    carries are dropped (a plausible wrong answer)."""
+def addition_steps(a: int, b: int, forget_carry: bool = False) -> tuple[list[str], list[int]]:
+    """Column addition, one fact per clause (a carry is added as its own step): the step lines and the
+    written digits, lowest first. With forget_carry the carries are dropped (a plausible wrong answer)."""
     width = max(len(str(a)), len(str(b)))
     da, db = _digits(a, width), _digits(b, width)
     steps, carry, out = [], 0, []
     for i in range(width):
         s = da[i] + db[i]
-        expr = f"{da[i]} + {db[i]} = {s}"
+        expr = f"{da[i]}+{db[i]}={s}"
         if carry:
-            expr += f", {s} + {carry} = {s + carry}"
+            expr += f", {s}+{carry}={s + carry}"
             s += carry
         digit, new_carry = s % 10, s // 10
         if new_carry:
@@ -130,46 +146,45 @@ def addition_steps(a: int, b: int, forget_carry: bool = False) -> tuple[list[str
     if carry:
         steps.append(f"{PLACE_NAMES[width] if width < len(PLACE_NAMES) else 'next'}: write the carry {carry}")
         out.append(carry)
-    result = int("".join(str(d) for d in reversed(out)))
-    return steps + [read_digits(out)], result
+    return steps, out
 
 
 def name_digits(n: int, width: int) -> str:
-    """ "Digits of 807: hundreds 8, tens 0, ones 7." (zero-padded to `width` places), so a column step
-    finds a digit by its place name instead of by counting from the end of the number."""
+    """ "807: hundreds 8, tens 0, ones 7." (zero-padded to `width` places), so a column step finds a
+    digit by its place name instead of by counting from the end of the number."""
     named = [f"{PLACE_NAMES[i]} {d}" for i, d in enumerate(_digits(n, width))]
-    return f"Digits of {n}: " + ", ".join(reversed(named)) + "."
+    return f"{n}: " + ", ".join(reversed(named)) + "."
 
 
-def read_digits(out: list[int]) -> str:
-    """The written digits named by place, highest first: each is looked up by its place name, not by
-    how far back its line is."""
+def read_digits(out: list[int], sign: str = "") -> str:
+    """The written digits named by place, highest first, then the number they make: each digit is looked
+    up by its place name, not by how far back its line is."""
     named = [f"{PLACE_NAMES[i] if i < len(PLACE_NAMES) else 'next'} {d}" for i, d in enumerate(out)]
-    return "From the highest place: " + ", ".join(reversed(named)) + "."
+    return ", ".join(reversed(named)) + f": {sign}{int(''.join(str(d) for d in reversed(out)))}"
 
 
-def subtraction_steps(a: int, b: int, forget_borrow: bool = False) -> tuple[list[str], int]:
-    """Column subtraction of b from a (a >= b); with forget_borrow the borrows are dropped.
+def subtraction_steps(a: int, b: int, forget_borrow: bool = False) -> tuple[list[str], list[int]]:
+    """Column subtraction of b from a (a >= b): the step lines and the written digits, lowest first; with
+    forget_borrow the borrows are dropped.
 
-    Each column first names its two digits ("tens: 4 and 6: ..."), so deciding whether to borrow is a
+    Each column first names its two digits ("tens: 4,6: ..."), so deciding whether to borrow is a
     comparison of two digits already on the line, not a lookup and a comparison in one step."""
     width = len(str(a))
     da, db = _digits(a, width), _digits(b, width)
     steps, borrow, out = [], 0, []
     for i in range(width):
         top = da[i] - borrow
-        parts = [f"{da[i]} - {borrow} = {top}"] if borrow else []
+        parts = [f"{da[i]}-{borrow}={top}"] if borrow else []
         if top < db[i]:
-            parts.append(f"{top} < {db[i]}, borrow: {top + 10} - {db[i]} = {top + 10 - db[i]}")
+            parts.append(f"{top}<{db[i]}, borrow: {top + 10}-{db[i]}={top + 10 - db[i]}")
             out.append(top + 10 - db[i])
             borrow = 0 if forget_borrow else 1
         else:
-            parts.append(f"{top} - {db[i]} = {top - db[i]}")
+            parts.append(f"{top}-{db[i]}={top - db[i]}")
             out.append(top - db[i])
             borrow = 0
-        steps.append(f"{PLACE_NAMES[i]}: {da[i]} and {db[i]}: " + ", ".join(parts))
-    result = int("".join(str(d) for d in reversed(out)))
-    return steps + [read_digits(out)], result
+        steps.append(f"{PLACE_NAMES[i]}: {da[i]},{db[i]}: " + ", ".join(parts))
+    return steps, out
 
 
 def compare_steps(a: int, b: int) -> tuple[str, int]:
@@ -183,40 +198,35 @@ def compare_steps(a: int, b: int) -> tuple[str, int]:
     for i, (x, y) in enumerate(zip(da, db)):
         place = PLACE_NAMES[width - 1 - i]
         if x == y:
-            parts.append(f"{place} {x} = {y}")
+            parts.append(f"{place} {x}={y}")
             continue
-        parts.append(f"{place} {x} {'>' if x > y else '<'} {y}")
+        parts.append(f"{place} {x}{'>' if x > y else '<'}{y}")
         break
     verdict = f"so {larger} is larger" if a != b else "so they are equal"
-    lines = [name_digits(a, width), name_digits(b, width), f"Compare {a} and {b}: {', '.join(parts)}, {verdict}."]
+    lines = [name_digits(a, width), name_digits(b, width), f"Compare: {', '.join(parts)}, {verdict}."]
     return "\n".join(lines), larger
 
 
 def arithmetic_problem(a: int, b: int, op: str, wrong: bool = False) -> tuple[str, str, str, int]:
-    """(question, reasoning, answer text, value) for a +/- b; wrong=True gives a plausible error."""
+    """(question, reasoning, answer text, value) for a +/- b; wrong=True gives a plausible error.
+
+    The reasoning is compact: each line does one step and carries only the tokens that step needs (the
+    digits by place, one column, the digits read back), since SFT's cost is its token count."""
     question = f"What is {a} {op} {b}?"
     if op == "+":
-        steps, value = addition_steps(a, b, forget_carry=wrong)
+        steps, out = addition_steps(a, b, forget_carry=wrong)
         width = max(len(str(a)), len(str(b)))
-        header = [
-            f"Add {a} and {b} column by column, from the ones place.",
-            name_digits(a, width),
-            name_digits(b, width),
-        ]
+        header = [name_digits(a, width), name_digits(b, width)]
+        sign = ""
     else:
         big, small = max(a, b), min(a, b)
-        steps, value = subtraction_steps(big, small, forget_borrow=wrong)
+        steps, out = subtraction_steps(big, small, forget_borrow=wrong)
         comparison, _ = compare_steps(a, b)
-        if a < b:
-            header = [
-                comparison,
-                f"{a} is smaller, so the result is negative. "
-                f"Subtract {small} from {big} column by column, from the ones place.",
-            ]
-            value = -value
-        else:
-            header = [comparison, f"Subtract {small} from {big} column by column, from the ones place."]
-    reasoning = "\n".join([*header, *steps, f"So the result is {value}."])
+        sign = "-" if a < b else ""
+        what = f"-({big}-{small})" if a < b else f"{big}-{small}"
+        header = [comparison[:-1] + f": {what}."]
+    value = int(sign + "".join(str(d) for d in reversed(out)))
+    reasoning = "\n".join([*header, *steps, read_digits(out, sign)])
     return question, reasoning, f"{a} {op} {b} = {value}", value
 
 
@@ -238,7 +248,7 @@ def _wrong_variant(a: int, b: int, op: str, rng: random.Random) -> tuple[str, st
     if bad != right:
         return bad_reasoning, f"{a} {op} {b} = {bad}"
     slip = right + rng.choice([10, -10, 1, -1])
-    return reasoning.replace(f"So the result is {right}.", f"So the result is {slip}."), f"{a} {op} {b} = {slip}"
+    return reasoning.removesuffix(f": {right}") + f": {slip}", f"{a} {op} {b} = {slip}"
 
 
 # ---------------------------------------------------------------- non-arithmetic chat tasks
