@@ -142,14 +142,20 @@ def scripted_model(tokenizer, chain: list[int]):
 @pytest.fixture(scope="session")
 def scripted_checkpoint(tmp_path_factory, tokenizer_dir, tokenizer):
     """(checkpoint, reasoning, answer): a model that, asked anything in the chat format, always thinks
-    'Add the ones first.' and answers 'So: 42!' (then <|im_end|>)."""
+    the same short reasoning (e.g. 'Add the ones first.') and answers the same (e.g. 'So: 42!'), then
+    <|im_end|>. The script maps each token to the next, so its tokens must all differ: the first candidate
+    whose tokens do under the tokenizer the synthetic data trained is used."""
     from models import save_model
 
-    reasoning, answer = "Add the ones first.", "So: 42!"
     ids = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     newline = ids("\n")[-1]  # the generation prompt ends "<|im_start|>assistant\n"
-    chain = [newline, *ids("<think>"), *ids(reasoning), *ids("</think>"), *ids(answer), *ids("<|im_end|>")]
-    assert len(set(chain)) == len(chain), "the script's tokens must differ"
+    candidates = [("Add the ones first.", "So: 42!"), ("Look at the ones.", "It is 42!"), ("Count the tens.", "So: 9?")]
+    for reasoning, answer in candidates:
+        chain = [newline, *ids("<think>"), *ids(reasoning), *ids("</think>"), *ids(answer), *ids("<|im_end|>")]
+        if len(set(chain)) == len(chain):
+            break
+    else:
+        raise AssertionError(f"every candidate script repeats a token under this tokenizer: {candidates}")
     d = tmp_path_factory.mktemp("scripted") / "model"
     save_model(scripted_model(tokenizer, chain), d, tokenizer_dir)
     return d, reasoning, answer
