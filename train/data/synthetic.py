@@ -120,6 +120,11 @@ def pretrain_text(rng: random.Random) -> str:
 PLACE_NAMES = ["ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands"]
 
 
+def _number(out: list[int]) -> int:
+    """The number whose digits, lowest first, are `out` (the inverse of _digits)."""
+    return int("".join(str(d) for d in reversed(out)))
+
+
 def _digits(n: int, width: int) -> list[int]:
     return [int(c) for c in str(n).zfill(width)][::-1]  # least significant first
 
@@ -160,7 +165,7 @@ def read_digits(out: list[int], sign: str = "") -> str:
     """The written digits named by place, highest first, then the number they make: each digit is looked
     up by its place name, not by how far back its line is."""
     named = [f"{PLACE_NAMES[i] if i < len(PLACE_NAMES) else 'next'} {d}" for i, d in enumerate(out)]
-    return ", ".join(reversed(named)) + f": {sign}{int(''.join(str(d) for d in reversed(out)))}"
+    return ", ".join(reversed(named)) + f": {sign}{_number(out)}"
 
 
 def subtraction_steps(a: int, b: int, forget_borrow: bool = False) -> tuple[list[str], list[int]]:
@@ -225,7 +230,7 @@ def arithmetic_problem(a: int, b: int, op: str, wrong: bool = False) -> tuple[st
         sign = "-" if a < b else ""
         what = f"-({big}-{small})" if a < b else f"{big}-{small}"
         header = [comparison[:-1] + f": {what}."]
-    value = int(sign + "".join(str(d) for d in reversed(out)))
+    value = -_number(out) if sign else _number(out)
     reasoning = "\n".join([*header, *steps, read_digits(out, sign)])
     return question, reasoning, f"{a} {op} {b} = {value}", value
 
