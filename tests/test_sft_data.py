@@ -1,10 +1,12 @@
 """SFT loss masks pinned token by token, packing, truncation."""
 
+import numpy as np
+import pytest
 import torch
 
 from models import IGNORE_INDEX
 from train.data.chat_masks import encode_with_mask
-from train.data.finetune import PackedSFTDataset, SFTDataset, build_sft_examples, pad_collate
+from train.data.finetune import PackedSFTDataset, SFTDataset, build_sft_examples, pack_best_fit, pad_collate
 from train.data.records import Conversation
 
 THINK = [
@@ -96,20 +98,53 @@ def test_padding_is_never_a_target(tokenizer):
     assert (batch["input_ids"][i, short:] == 6).all() and (batch["targets"][i, short:] == IGNORE_INDEX).all()
 
 
-def test_packing_keeps_conversations_apart(tokenizer):
+@pytest.mark.parametrize("strategy", ["next-fit", "best-fit"])
+def test_packing_keeps_conversations_apart(tokenizer, strategy):
     examples, _ = build_sft_examples(tokenizer, [Conversation(THINK), Conversation(NO_THINK)], max_len=512)
-    n0, n1 = len(examples[0].ids), len(examples[1].ids)
-    ds = PackedSFTDataset(examples, seq_len=n0 + n1 + 9, pad_id=6)
+    ds = PackedSFTDataset(examples, seq_len=sum(len(e.ids) for e in examples) + 9, pad_id=6, strategy=strategy)
     assert len(ds) == 1
+    first, second = ds.row_examples(0)  # next-fit: corpus order; best-fit decreasing: the longer first
+    want = examples if strategy == "next-fit" else sorted(examples, key=lambda e: -len(e.ids))
+    assert [id(first), id(second)] == [id(e) for e in want]
+    n0, n1 = len(first.ids), len(second.ids)
     row = ds[0]
     seg, pos, tgt = row["segment_ids"], row["position_ids"], row["targets"]
     assert seg[:n0].eq(0).all() and seg[n0 : n0 + n1].eq(1).all() and seg[n0 + n1 :].eq(2).all()
     assert pos[n0].item() == 0 and pos[n0 + n1 - 1].item() == n1 - 1
     assert tgt[n0 - 1].item() == IGNORE_INDEX  # conversation 0's last token does not predict conversation 1
     assert tgt[n0 + n1 - 1 :].eq(IGNORE_INDEX).all()  # nor does anything predict padding
-    single = SFTDataset(examples)
+    single = SFTDataset([first, second])
     assert torch.equal(tgt[: n0 - 1], single[0]["targets"])
     assert torch.equal(tgt[n0 : n0 + n1 - 1], single[1]["targets"])
+
+
+def _next_fit_rows(lengths, capacity):
+    rows, used = 0, capacity
+    for n in lengths:
+        if used + n > capacity:
+            rows, used = rows + 1, 0
+        used += n
+    return rows
+
+
+def test_best_fit_packing_places_every_item_once_within_capacity():
+    assert [list(map(int, o)) for o in _rows([6, 5, 4, 3, 2], 10)] == [[0, 2], [1, 3, 4]]  # next-fit needs 3 rows
+    rng = np.random.default_rng(0)
+    for lengths in (rng.integers(1, 290, 2000), rng.choice([30, 60, 150, 250], 3000), np.full(7, 289), []):
+        rows = _rows(lengths, 289)
+        placed = np.concatenate(rows) if rows else np.array([], dtype=np.int64)
+        assert sorted(placed.tolist()) == list(range(len(lengths)))
+        assert all(np.asarray(lengths)[r].sum() <= 289 for r in rows)
+        assert len(rows) <= _next_fit_rows(lengths, 289)
+    skewed = rng.choice([30, 120, 240], 5000, p=[0.3, 0.4, 0.3])  # like the demo's 1- to 4-digit problems
+    assert len(_rows(skewed, 289)) < 0.9 * _next_fit_rows(skewed, 289)
+    with pytest.raises(ValueError, match="lengths must be in"):
+        pack_best_fit([10, 300], 289)
+
+
+def _rows(lengths, capacity):
+    order, starts = pack_best_fit(lengths, capacity)
+    return [order[starts[r] : starts[r + 1]] for r in range(len(starts) - 1)]
 
 
 def test_truncation_keeps_the_start_and_drops_unlearnable(tokenizer):
@@ -119,3 +154,22 @@ def test_truncation_keeps_the_start_and_drops_unlearnable(tokenizer):
     examples, dropped = build_sft_examples(tokenizer, convs, max_len=64)
     assert dropped == 1 and len(examples) == 2
     assert len(examples[0].ids) == 65 and examples[0].trained[-1]
+
+
+def test_sft_pack_strategy_plans_fewer_rows_and_resume_refuses_another(
+    tmp_path, sft_model_dir, synthetic_dir, capsys, cli_error
+):
+    from train.sft import main as sft_main
+
+    def argv(out, strategy):
+        return ["--init", str(sft_model_dir), "--data", str(synthetic_dir / "sft_train.jsonl"), "--out", str(out)] + [
+            "--pack", "--pack-strategy", strategy, "--seq-len", "256", "--batch-size", "4", "--max-steps", "2",
+            "--eval-every", "0", "--save-every", "1", "--no-progress",
+        ]  # fmt: skip
+
+    rows = {}
+    for strategy in ("next-fit", "best-fit"):
+        sft_main(argv(tmp_path / strategy, strategy) + ["--stop-after", "1"])
+        rows[strategy] = int(capsys.readouterr().out.split(" rows,")[0].rsplit(" ", 1)[1])
+    assert rows["best-fit"] < rows["next-fit"]
+    cli_error(["sft"] + argv(tmp_path / "best-fit", "next-fit") + ["--resume"], "was trained on other data")

@@ -13,7 +13,7 @@ import argparse
 from models.chat_format import PAD
 
 from .args import add_train_args, train_args_from
-from .data.finetune import PackedSFTDataset, SFTDataset, build_sft_examples, pad_collate, trained_tokens
+from .data.finetune import PACKING, PackedSFTDataset, SFTDataset, build_sft_examples, pad_collate, trained_tokens
 from .data.formats import load_sft
 from .engine.trainer import Trainer
 from .errors import run_guarded
@@ -28,6 +28,13 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     )
     add_finetune_data_args(p, "SFT ({'messages': [...]})")
     p.add_argument("--pack", action="store_true", help="pack several conversations per row (kept apart by masks)")
+    p.add_argument(
+        "--pack-strategy",
+        choices=sorted(PACKING),
+        default="next-fit",
+        help="how --pack plans its rows: next-fit (corpus order, a new row when the next conversation does not "
+        "fit) or best-fit (longest first, each into the fullest row it fits: fuller rows)",
+    )
     add_train_args(p, steps=500, lr=1e-3, batch_size=16)
     return p
 
@@ -46,7 +53,7 @@ def _train(ns: argparse.Namespace, targs, optim, run_dir: RunDir) -> dict:
     train_ex, eval_ex, dropped, loader = finetune_examples(ns, model, load_sft, build_sft_examples, tok, "sft", run_dir)
     pad = tok.convert_tokens_to_ids(PAD)
     if ns.pack:
-        make = lambda ex: PackedSFTDataset(ex, ns.seq_len, pad, loader)  # noqa: E731
+        make = lambda ex: PackedSFTDataset(ex, ns.seq_len, pad, loader, ns.pack_strategy)  # noqa: E731
     else:
         make = lambda ex: SFTDataset(ex, loader)  # noqa: E731
     train_set, eval_set = make(train_ex), (make(eval_ex) if eval_ex else None)
@@ -58,6 +65,7 @@ def _train(ns: argparse.Namespace, targs, optim, run_dir: RunDir) -> dict:
         "conversations": len(train_ex),
         "dropped_too_long": dropped,
         "rows": len(train_set),
+        "pack_strategy": ns.pack_strategy if ns.pack else None,
         "trained_tokens": trained_tokens(train_ex),
     }
     trainer = Trainer(

@@ -113,31 +113,74 @@ class SFTDataset:
         return row
 
 
+def pack_next_fit(lengths, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows in corpus order: a new row whenever the next item does not fit. Same (order, starts) form as
+    `pack_best_fit`."""
+    starts, used = [], 0
+    for k, n in enumerate(lengths):
+        if not starts or used + n > capacity:
+            starts.append(k)
+            used = 0
+        used += int(n)
+    return np.arange(len(lengths), dtype=np.int64), np.asarray(starts + [len(lengths)], dtype=np.int64)
+
+
+def pack_best_fit(lengths, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Plan rows of `capacity` tokens from item lengths: best-fit decreasing (the longest item first, each
+    into the fullest row that still has room for it, else a new row). Returns (order, starts): row r holds
+    items order[starts[r]:starts[r + 1]]. Deterministic (ties by index); O(n log n), two integers per item.
+
+    On the demo's conversations in rows of 289 tokens it fills 84% of each row where next-fit fills 70%
+    (docs/training.md)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and (lengths.max() > capacity or lengths.min() < 1):
+        raise ValueError(f"pack_best_fit: item lengths must be in [1, {capacity}]")
+    by_length = np.argsort(-lengths, kind="stable")
+    row_of = np.empty(len(lengths), dtype=np.int64)
+    room: list[list[int]] = [[] for _ in range(capacity + 1)]  # room[c]: rows with c tokens free
+    has_room = 0  # bit c set while room[c] holds a row
+    n_rows = 0
+    for k in by_length.tolist():
+        n = int(lengths[k])
+        fits = has_room >> n
+        if fits:  # the row with the least room that still fits n
+            c = n + (fits & -fits).bit_length() - 1
+            r = room[c].pop()
+            if not room[c]:
+                has_room &= ~(1 << c)
+        else:
+            r, c = n_rows, capacity
+            n_rows += 1
+        row_of[k] = r
+        room[c - n].append(r)
+        has_room |= 1 << (c - n)
+    order = np.lexsort((-lengths, row_of))  # by row, the longest first within a row
+    starts = np.searchsorted(row_of[order], np.arange(n_rows + 1))
+    return order.astype(np.int64), starts.astype(np.int64)
+
+
+PACKING = {"next-fit": pack_next_fit, "best-fit": pack_best_fit}  # sft --pack-strategy
+
+
 class PackedSFTDataset:
-    """Conversations packed greedily (in order) into rows of seq_len + 1 tokens; segment ids keep
-    them from attending to each other and positions restart for each. Padding fills the rest. The
+    """Conversations packed into rows of seq_len + 1 tokens (`strategy`: a key of PACKING); segment ids
+    keep them from attending to each other and positions restart for each. Padding fills the rest. The
     packing is planned from the lengths alone (a store gives them without reading the conversations)."""
 
-    def __init__(self, examples, seq_len: int, pad_id: int, image_loader=None):
+    def __init__(self, examples, seq_len: int, pad_id: int, image_loader=None, strategy: str = "next-fit"):
         self.examples, self.image_loader = examples, image_loader
         lengths = examples.lengths() if hasattr(examples, "lengths") else [len(e.ids) for e in examples]
-        starts, used = [], 0
-        for k, n in enumerate(lengths):
-            if not starts or used + n > seq_len + 1:
-                starts.append(k)
-                used = 0
-            used += int(n)
-        self.starts = np.asarray(starts + [len(lengths)], dtype=np.int64)
+        self.order, self.starts = PACKING[strategy](lengths, seq_len + 1)
         self.seq_len, self.pad_id = seq_len, pad_id
 
     def __len__(self) -> int:
         return len(self.starts) - 1
 
     def fingerprint(self) -> str:
-        return _examples_fingerprint(self.examples, self.starts, self.seq_len)
+        return _examples_fingerprint(self.examples, self.order, self.starts, self.seq_len)
 
     def row_examples(self, i: int) -> list[SFTExample]:
-        return [self.examples[k] for k in range(int(self.starts[i]), int(self.starts[i + 1]))]
+        return [self.examples[int(k)] for k in self.order[self.starts[i] : self.starts[i + 1]]]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         n = self.seq_len + 1
